@@ -1,0 +1,5 @@
+import sys
+
+from imageopt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,57 @@
+"""The ``imageopt`` command.
+
+Each command group lives in a module of this package with a ``register``
+function that adds its subcommands. A command returns an exit code; an error
+the user caused (an :class:`~imageopt.errors.ImageoptError`) is printed as one
+line on stderr with exit code 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from imageopt.errors import ImageoptError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from imageopt.cli import database, provider
+
+    parser = argparse.ArgumentParser(
+        prog="imageopt",
+        description="Optimize product images through a prediction API.",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)"
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in (database, provider):
+        module.register(commands)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("imageopt").setLevel(min(level, logging.INFO))
+
+    try:
+        return args.handler(args)
+    except ImageoptError as exc:
+        print(f"imageopt {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

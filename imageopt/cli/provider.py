@@ -1,0 +1,2 @@
+def register(commands):
+    """Placeholder until serve-provider lands."""

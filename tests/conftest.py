@@ -1,0 +1,107 @@
+"""Shared fixtures: a real PostgreSQL for every test module, and a clean home.
+
+The server is ``IMAGEOPT_TEST_DATABASE_URL`` when set; else the machine's
+PostgreSQL on its socket or on 127.0.0.1:5432 when one answers; else a
+throwaway cluster started from the installed server programs. Each test module
+(or test, through ``make_database``) gets a database of its own, dropped
+afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+pytest_plugins = ["provider_fixtures"]
+
+_LOCAL_CANDIDATES = (
+    "host=/var/run/postgresql dbname=postgres",
+    "host=/tmp dbname=postgres",
+    "host=127.0.0.1 port=5432 dbname=postgres user=postgres",
+)
+
+
+def _reachable(conninfo: str) -> bool:
+    try:
+        psycopg.connect(conninfo, connect_timeout=3).close()
+    except psycopg.Error:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Keep tests away from the user's own embedded cluster and settings."""
+    home = tmp_path_factory.mktemp("imageopt-home")
+    saved = {k: v for k, v in os.environ.items() if k.startswith("IMAGEOPT_")}
+    for key in saved:
+        if key != "IMAGEOPT_TEST_DATABASE_URL":
+            del os.environ[key]
+    os.environ["IMAGEOPT_HOME"] = str(home)
+
+    yield home
+
+    os.environ.pop("IMAGEOPT_HOME", None)
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def admin_conninfo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A connection to a server where tests may create and drop databases."""
+    explicit = os.environ.get("IMAGEOPT_TEST_DATABASE_URL")
+    if explicit:
+        yield explicit
+        return
+
+    for candidate in _LOCAL_CANDIDATES:
+        if _reachable(candidate):
+            yield candidate
+            return
+
+    from imageopt.embedded import EmbeddedCluster
+
+    cluster = EmbeddedCluster(tmp_path_factory.mktemp("throwaway-postgres"))
+    url = cluster.ensure_started()
+    yield make_conninfo(url, dbname="postgres")
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def make_database(admin_conninfo: str) -> Iterator[Callable[[], str]]:
+    """A factory of empty databases, each dropped when the session ends."""
+    created: list[str] = []
+
+    def make() -> str:
+        name = f"imageopt_test_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(admin_conninfo, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        created.append(name)
+        return make_conninfo(admin_conninfo, dbname=name)
+
+    yield make
+
+    with psycopg.connect(admin_conninfo, autocommit=True) as conn:
+        for name in created:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[None]:
+    """A temporary Prefect API for the whole session (it takes ~20 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def module_database(make_database: Callable[[], str]) -> str:
+    """An empty database shared by the tests of one module."""
+    return make_database()
