@@ -314,6 +314,9 @@ def _free_loopback_port() -> int:
 
 def _port_is_free(port: int) -> bool:
     with socket.socket() as sock:
+        # As PostgreSQL does: a port whose last connections linger in
+        # TIME_WAIT after a stop is free to listen on again.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:

@@ -18,7 +18,8 @@ into these once, where imageopt meets them, so callers handle one vocabulary::
         ├── ProviderUnavailableError    5xx, refused connection, timeout
         ├── CreateOutcomeUnknownError   a create was sent and no answer came back
         ├── RejectedError           4xx: the provider refused the request
-        └── PredictionNotFoundError     404 for a prediction id
+        ├── PredictionNotFoundError     404 for a prediction id
+        └── PredictionPendingError  polled too early: not a failure, poll again
 """
 
 from __future__ import annotations
@@ -110,3 +111,19 @@ class RejectedError(ProviderError):
 
 class PredictionNotFoundError(ProviderError, LookupError):
     """The provider knows no prediction with that id."""
+
+
+class PredictionPendingError(ProviderError):
+    """A prediction was polled and has not finished yet.
+
+    Not a failure: the poll task raises it so that Prefect retries the poll
+    after a delay, which makes every wait visible in the item's task history.
+    """
+
+    def __init__(self, item_id: int, prediction_id: str, status: str) -> None:
+        self.item_id = item_id
+        self.prediction_id = prediction_id
+        self.status = status
+        super().__init__(
+            f"item {item_id}: prediction {prediction_id} is still {status}"
+        )

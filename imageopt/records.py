@@ -17,7 +17,12 @@ from psycopg.types.json import Jsonb
 
 from imageopt.errors import InvalidRequestError, NotFoundError
 from imageopt.schema import SchemaState
-from imageopt.status import ItemStatus, check_transition, derive_job_status
+from imageopt.status import (
+    ItemStatus,
+    check_transition,
+    derive_job_status,
+    logical_status,
+)
 
 # Columns a transition may set besides the status; anything else is refused.
 _ITEM_FIELDS = frozenset({"prediction_id", "bytes_in", "bytes_out", "output", "error"})
@@ -118,7 +123,7 @@ def transition(
             msg = f"there is no item {item_id}"
             raise NotFoundError(msg)
 
-        current = schema.logical_item_status(row[0], row[1])
+        current = logical_status(row[0], row[1])
         check_transition(item_id, current, target)
 
         assignments = [sql.SQL("status = %s"), sql.SQL("updated_at = now()")]
@@ -157,7 +162,7 @@ def refresh_job_status(
     rows = conn.execute(
         "SELECT status, prediction_id FROM items WHERE job_id = %s", (job_id,)
     ).fetchall()
-    status = derive_job_status(schema.logical_item_status(s, p) for s, p in rows)
+    status = derive_job_status(logical_status(s, p) for s, p in rows)
     stored = schema.stored_job_status(status)
     conn.execute(
         "UPDATE jobs SET status = %s, updated_at = now() WHERE id = %s",

@@ -70,17 +70,6 @@ class SchemaState:
             return status
         return _JOB_FALLBACKS[status]
 
-    def logical_item_status(self, stored: str, prediction_id: str | None) -> ItemStatus:
-        """The status an item is really in, given what is stored.
-
-        In compatibility mode ``RUNNING`` with a saved prediction id means the
-        prediction exists: the item is ``PROCESSING``.
-        """
-        status = ItemStatus(stored)
-        if status is ItemStatus.RUNNING and prediction_id is not None:
-            return ItemStatus.PROCESSING
-        return status
-
 
 def read_schema_state(conn: psycopg.Connection) -> SchemaState:
     """Look at the database's migration version and its status enums."""

@@ -62,6 +62,18 @@ TRANSITIONS: dict[ItemStatus, frozenset[ItemStatus]] = {
 }
 
 
+def logical_status(stored: str, prediction_id: str | None) -> ItemStatus:
+    """The status an item is really in, given what is stored.
+
+    On a database without ``PROCESSING`` (compatibility mode), ``RUNNING``
+    with a saved prediction id means the prediction exists: ``PROCESSING``.
+    """
+    status = ItemStatus(stored)
+    if status is ItemStatus.RUNNING and prediction_id is not None:
+        return ItemStatus.PROCESSING
+    return status
+
+
 def check_transition(item_id: int, current: ItemStatus, target: ItemStatus) -> None:
     """Refuse, naming the item, a change the table above does not allow."""
     if target in TRANSITIONS[current]:

@@ -16,23 +16,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from imageopt.services import local_postgres
 
 pytest_plugins = ["provider_fixtures"]
-
-_LOCAL_CANDIDATES = (
-    "host=/var/run/postgresql dbname=postgres",
-    "host=/tmp dbname=postgres",
-    "host=127.0.0.1 port=5432 dbname=postgres user=postgres",
-)
-
-
-def _reachable(conninfo: str) -> bool:
-    try:
-        psycopg.connect(conninfo, connect_timeout=3).close()
-    except psycopg.Error:
-        return False
-    return True
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -59,10 +47,10 @@ def admin_conninfo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield explicit
         return
 
-    for candidate in _LOCAL_CANDIDATES:
-        if _reachable(candidate):
-            yield candidate
-            return
+    local = local_postgres()
+    if local is not None:
+        yield local
+        return
 
     from imageopt.embedded import EmbeddedCluster
 
@@ -92,13 +80,31 @@ def make_database(admin_conninfo: str) -> Iterator[Callable[[], str]]:
 
 
 @pytest.fixture(scope="session")
-def prefect_api() -> Iterator[None]:
-    """A temporary Prefect API for the whole session (it takes ~20 s to start)."""
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_api(
+    make_database: Callable[[], str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """A real Prefect server on PostgreSQL for the session; its API URL.
 
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    Set for this process and for the processes tests start.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from imageopt.services import PrefectServerProcess, flush_to_prefect
+
+    conninfo = make_database()
+    server = PrefectServerProcess(
+        conninfo,
+        dbname=conninfo_to_dict(conninfo)["dbname"],
+        home=tmp_path_factory.mktemp("prefect-home"),
+    )
+    os.environ["PREFECT_API_URL"] = server.url
+    try:
+        with temporary_settings({PREFECT_API_URL: server.url}):
+            yield server.url
+            flush_to_prefect()
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
 
 
 @pytest.fixture(scope="module")

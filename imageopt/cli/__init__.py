@@ -21,28 +21,37 @@ EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from imageopt.cli import database, provider
+    from imageopt.cli import database, jobs, provider
 
     parser = argparse.ArgumentParser(
         prog="imageopt",
         description="Optimize product images through a prediction API.",
     )
     parser.add_argument(
-        "-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)"
+        "-v", "--verbose", action="count", default=0, help="debug logging"
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (database, provider):
+    for module in (database, jobs, provider):
         module.register(commands)
 
     return parser
 
 
+def _configure_logging(verbosity: int) -> None:
+    """imageopt's messages through Prefect's console handler, one format for all.
+
+    INFO by default (a cluster started, a migration applied), DEBUG with -v.
+    """
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()
+    logging.getLogger("imageopt").setLevel(logging.DEBUG if verbosity else logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("imageopt").setLevel(min(level, logging.INFO))
+    _configure_logging(args.verbose)
 
     try:
         return args.handler(args)

@@ -1,0 +1,501 @@
+"""The work done for one item: create its prediction, poll it, store the output.
+
+These functions hold the rules that keep images and money safe; the Prefect
+flow in ``flows/optimize_job.py`` only orchestrates them:
+
+- an item is claimed (``PENDING`` → ``RUNNING``) before its create request is
+  sent, and its prediction id is written in the same transaction that makes
+  it ``PROCESSING``, so a crash leaves either a claimed item with no id
+  (reconciled with the provider before anything is created again) or an
+  item with its id (polled, never created again);
+- a create is sent again only when the provider provably did not make the
+  prediction: it refused the connection, throttled, or :func:`reconcile`
+  found no prediction with the item's input;
+- the output is copied into storage when the prediction succeeds, before its
+  URL expires, to a path fixed by the item, so a second copy overwrites.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import mimetypes
+import random
+import statistics
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect.filesystems import WritableFileSystem
+
+from imageopt.db import Database
+from imageopt.errors import (
+    CreateOutcomeUnknownError,
+    IllegalTransitionError,
+    ImageError,
+    PredictionNotFoundError,
+    PredictionPendingError,
+    ProviderError,
+    ProviderUnavailableError,
+    RejectedError,
+    ThrottledError,
+)
+from imageopt.jobs import Item, Job, get_item, is_url, items_of, load_job
+from imageopt.provider import Prediction, PredictionStatus, ProviderClient
+from imageopt.records import refresh_job_status, transition
+from imageopt.schema import SchemaCheck
+from imageopt.settings import Settings
+from imageopt.status import ItemStatus, JobStatus
+from imageopt.storage import location, output_path
+
+logger = logging.getLogger(__name__)
+
+# How long a create keeps trying while the provider is unreachable before the
+# item fails; long enough to ride out a restart of the provider.
+CREATE_UNAVAILABLE_BUDGET = 300.0
+
+# After a create's answer was lost, the prediction may take a moment to show
+# up in the provider's list; look this many times before creating again.
+RECONCILE_ATTEMPTS = 3
+RECONCILE_PAUSE = 1.0
+
+
+class PredictionTiming:
+    """How long recent predictions took, to time the first poll of the next.
+
+    Polling when a prediction should be done, rather than at once, spares
+    most items every retry, and with them the states the Prefect server has
+    to record.
+    """
+
+    def __init__(self, keep: int = 50, ceiling: float = 60.0) -> None:
+        self._recent: deque[float] = deque(maxlen=keep)
+        self._ceiling = ceiling
+        self._lock = threading.Lock()
+
+    def observe(self, prediction: Prediction) -> None:
+        if prediction.created_at and prediction.completed_at:
+            seconds = (prediction.completed_at - prediction.created_at).total_seconds()
+            with self._lock:
+                self._recent.append(max(0.0, seconds))
+
+    def expected(self) -> float:
+        """The median duration of recent predictions, in seconds."""
+        with self._lock:
+            if not self._recent:
+                return 0.0
+            return min(self._ceiling, statistics.median(self._recent))
+
+
+@dataclass
+class Runtime:
+    """What a flow run shares among the threads working on its items."""
+
+    db: Database
+    provider: ProviderClient
+    storage: WritableFileSystem
+    settings: Settings
+    job: Job
+    schema: SchemaCheck = field(default_factory=SchemaCheck)
+    timing: PredictionTiming = field(default_factory=PredictionTiming)
+
+    def refresh_schema(self) -> None:
+        with self.db.connection() as conn:
+            self.schema.refresh(conn)
+
+    def reload_job(self) -> Job:
+        with self.db.connection() as conn:
+            self.job = load_job(conn, self.job.id)
+        return self.job
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an item ended, for logs and the job's report."""
+
+    item_id: int
+    status: ItemStatus
+    reason: str
+    bytes_in: int | None = None
+    bytes_out: int | None = None
+    output: str | None = None
+
+
+def _move(
+    rt: Runtime, item_id: int, target: ItemStatus, reason: str, **fields: Any
+) -> None:
+    with rt.db.connection() as conn:
+        transition(conn, rt.schema.state, item_id, target, reason=reason, **fields)
+
+
+def fail(rt: Runtime, item_id: int, reason: str) -> Outcome:
+    """End an item as FAILED with a reason a person can act on."""
+    _move(rt, item_id, ItemStatus.FAILED, reason, error=reason)
+    return Outcome(item_id, ItemStatus.FAILED, reason)
+
+
+# -- create -------------------------------------------------------------------
+
+
+def provider_input(rt: Runtime, item: Item) -> dict[str, Any]:
+    """The prediction input for an item: its image and the job's options.
+
+    A local file travels inline as a data URI, which both Replicate and
+    imageopt's own provider accept.
+    """
+    options = rt.job.options.model_dump(exclude_none=True)
+    if is_url(item.source):
+        return {"image": item.source, **options}
+
+    path = Path(item.source)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        msg = f"cannot read {path}: {exc.strerror}; put the file back and resume"
+        raise ImageError(msg) from exc
+    if not data:
+        msg = f"{path.name} is empty (0 bytes): export or upload the image again"
+        raise ImageError(msg)
+    if len(data) > rt.settings.max_input_bytes:
+        msg = (
+            f"{path.name} is {len(data):,} bytes, over the limit of "
+            f"{rt.settings.max_input_bytes:,}: send a smaller file"
+        )
+        raise ImageError(msg)
+
+    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    encoded = base64.b64encode(data).decode("ascii")
+    return {"image": f"data:{mime};base64,{encoded}", **options}
+
+
+def create_prediction(rt: Runtime, item: Item) -> str | None:
+    """Claim a PENDING item and create its prediction; return the prediction id.
+
+    Returns None when the item ended here (failed, or canceled meanwhile) or
+    was not PENDING any more.
+    """
+    try:
+        _move(rt, item.id, ItemStatus.RUNNING, "creating the prediction")
+    except IllegalTransitionError:
+        logger.debug("item %s is no longer pending; not creating", item.id)
+        return None
+
+    try:
+        prediction_input = provider_input(rt, item)
+    except ImageError as exc:
+        fail(rt, item.id, str(exc))
+        return None
+
+    try:
+        prediction = _create_once(rt, item, prediction_input)
+    except RejectedError as exc:
+        fail(rt, item.id, f"the provider refused the prediction: {exc}")
+        return None
+    except ProviderUnavailableError as exc:
+        fail(rt, item.id, f"the provider could not be reached: {exc}; resubmit")
+        return None
+
+    return record_prediction(rt, item, prediction)
+
+
+def record_prediction(rt: Runtime, item: Item, prediction: Prediction) -> str | None:
+    """Write the prediction id with PROCESSING; cancel it if the item ended."""
+    try:
+        _move(
+            rt,
+            item.id,
+            ItemStatus.PROCESSING,
+            f"prediction {prediction.id} created",
+            prediction_id=prediction.id,
+        )
+    except IllegalTransitionError:
+        # Canceled while the create was under way: do not pay for the rest.
+        logger.info(
+            "item %s ended while its prediction %s was being created; canceling it",
+            item.id,
+            prediction.id,
+        )
+        _cancel_quietly(rt, prediction.id)
+        return None
+
+    return prediction.id
+
+
+def _create_once(rt: Runtime, item: Item, prediction_input: dict) -> Prediction:
+    """Create exactly one prediction for the item, whatever the network does."""
+    unavailable_since: float | None = None
+    attempt = 0
+    while True:
+        attempt += 1
+        sent_at = datetime.now(UTC)
+        try:
+            prediction = rt.provider.create(
+                prediction_input, cancel_after=rt.settings.prediction_deadline
+            )
+        except ThrottledError as exc:
+            # A 429 means nothing was created: waiting and sending again is safe.
+            logger.debug(
+                "item %s: create throttled, waiting %.1f s", item.id, exc.retry_after
+            )
+            time.sleep(exc.retry_after)
+            continue
+        except ProviderUnavailableError:
+            # The request never reached the provider: safe to send again.
+            unavailable_since = unavailable_since or time.monotonic()
+            if time.monotonic() - unavailable_since > CREATE_UNAVAILABLE_BUDGET:
+                raise
+            time.sleep(min(30.0, 0.5 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1))
+            continue
+        except CreateOutcomeUnknownError:
+            found = reconcile(rt, item, prediction_input, since=sent_at)
+            if found is not None:
+                return found
+            logger.info(
+                "item %s: the lost create made no prediction; creating again", item.id
+            )
+            continue
+
+        logger.debug("item %s: prediction %s created", item.id, prediction.id)
+        return prediction
+
+
+def reconcile(
+    rt: Runtime, item: Item, prediction_input: dict, *, since: datetime | None
+) -> Prediction | None:
+    """Find the prediction a lost create may have made for this item."""
+    with rt.db.connection() as conn:
+        taken = {
+            pid
+            for (pid,) in conn.execute(
+                "SELECT prediction_id FROM items WHERE job_id = %s"
+                " AND prediction_id IS NOT NULL AND id <> %s",
+                (item.job_id, item.id),
+            ).fetchall()
+        }
+    for attempt in range(RECONCILE_ATTEMPTS):
+        if attempt:
+            time.sleep(RECONCILE_PAUSE)
+        found = rt.provider.reconcile(prediction_input, since=since, exclude=taken)
+        if found is not None:
+            logger.info(
+                "item %s: found its prediction %s at the provider", item.id, found.id
+            )
+            return found
+
+    return None
+
+
+def resume_claimed(rt: Runtime, item: Item, claimed_at: datetime | None) -> str | None:
+    """Settle an item a dead run left RUNNING without a prediction id.
+
+    Its create may or may not have reached the provider: look for the
+    prediction first, and only when there is none, put the item back to
+    PENDING so that it is created like any other.
+    """
+    try:
+        prediction_input = provider_input(rt, item)
+    except ImageError as exc:
+        fail(rt, item.id, str(exc))
+        return None
+
+    found = reconcile(rt, item, prediction_input, since=claimed_at)
+    if found is not None:
+        return record_prediction(rt, item, found)
+
+    _move(
+        rt,
+        item.id,
+        ItemStatus.PENDING,
+        "resumed: the interrupted create made no prediction",
+    )
+    return None
+
+
+# -- poll and store -----------------------------------------------------------
+
+
+def poll_prediction(rt: Runtime, item_id: int, prediction_id: str) -> Outcome:
+    """Look at the prediction once; finish the item if it has ended.
+
+    Raises :class:`PredictionPendingError` when it has not ended, so that the
+    caller polls again later.
+    """
+    with rt.db.connection() as conn:
+        item = get_item(conn, item_id)
+    if item.status.is_final:
+        return Outcome(item_id, item.status, "ended elsewhere")
+
+    try:
+        prediction = rt.provider.get(prediction_id)
+    except PredictionNotFoundError:
+        return fail(
+            rt,
+            item_id,
+            f"the provider no longer knows prediction {prediction_id}; resubmit",
+        )
+    if not prediction.is_terminal:
+        raise PredictionPendingError(item_id, prediction_id, prediction.status)
+
+    return finish(rt, item, prediction)
+
+
+def finish(rt: Runtime, item: Item, prediction: Prediction) -> Outcome:
+    """End an item from its terminal prediction."""
+    rt.timing.observe(prediction)
+    status = prediction.status
+    if status is PredictionStatus.SUCCEEDED:
+        return store_output(rt, item, prediction)
+    if status is PredictionStatus.CANCELED:
+        reason = (
+            f"prediction {prediction.id} was canceled at the provider (its "
+            f"deadline of {rt.settings.prediction_deadline} passed, or it was "
+            "canceled there)"
+        )
+        _move(rt, item.id, ItemStatus.CANCELED, reason, error=reason)
+        return Outcome(item.id, ItemStatus.CANCELED, reason)
+
+    detail = (prediction.error or "no reason given").strip()
+    return fail(rt, item.id, f"prediction {prediction.id} {status}: {detail}")
+
+
+def store_output(rt: Runtime, item: Item, prediction: Prediction) -> Outcome:
+    url, details = _output_of(prediction)
+    if url is None:
+        return fail(
+            rt, item.id, f"prediction {prediction.id} succeeded without an output URL"
+        )
+
+    try:
+        data = rt.provider.download(url)
+    except ProviderError as exc:
+        return fail(
+            rt,
+            item.id,
+            f"the output of prediction {prediction.id} could not be copied "
+            f"({exc}); it may have expired: resubmit the image",
+        )
+
+    fmt = details.get("format") or _format_from_url(url)
+    path = output_path(rt.job.store, rt.job.id, item.id, item.source, fmt)
+    rt.storage.write_path(path, data)
+    where = location(rt.storage, path)
+    bytes_in = details.get("bytes_in")
+    reason = f"stored {len(data):,} bytes at {where}"
+    _move(
+        rt,
+        item.id,
+        ItemStatus.COMPLETED,
+        reason,
+        bytes_in=bytes_in,
+        bytes_out=len(data),
+        output=where,
+    )
+
+    return Outcome(item.id, ItemStatus.COMPLETED, reason, bytes_in, len(data), where)
+
+
+def _output_of(prediction: Prediction) -> tuple[str | None, dict[str, Any]]:
+    """The output file's URL and what else the model said about it.
+
+    Models shape outputs their own way: a URL, a list of URLs, or an object
+    (imageopt's own provider answers ``{"image": url, "format": ..., ...}``).
+    """
+    output = prediction.output
+    if isinstance(output, str):
+        return output, {}
+    if isinstance(output, list) and output and isinstance(output[0], str):
+        return output[0], {}
+    if isinstance(output, dict):
+        url = output.get("image") or output.get("url")
+        return (url if isinstance(url, str) else None), output
+    return None, {}
+
+
+def _format_from_url(url: str) -> str:
+    suffix = Path(url.split("?", 1)[0]).suffix.lower().lstrip(".")
+    return {"jpg": "jpeg"}.get(suffix, suffix) or "bin"
+
+
+# -- cancel -------------------------------------------------------------------
+
+
+def give_up(rt: Runtime, item: Item, prediction_id: str, why: str) -> Outcome:
+    """Stop waiting for a prediction: cancel it and fail the item."""
+    _cancel_quietly(rt, prediction_id)
+    reason = f"prediction {prediction_id} was canceled: {why}; resubmit the image"
+    try:
+        return fail(rt, item.id, reason)
+    except IllegalTransitionError:
+        with rt.db.connection() as conn:
+            current = get_item(conn, item.id)
+        return Outcome(item.id, current.status, "ended elsewhere")
+
+
+def _cancel_quietly(rt: Runtime, prediction_id: str) -> None:
+    try:
+        rt.provider.cancel(prediction_id)
+    except ProviderError as exc:
+        logger.warning(
+            "could not cancel prediction %s (%s); the provider's deadline of %s "
+            "will end it",
+            prediction_id,
+            exc,
+            rt.settings.prediction_deadline,
+        )
+
+
+def cancel_job(
+    db: Database,
+    provider: ProviderClient,
+    schema: SchemaCheck,
+    job_id: int,
+    reason: str,
+) -> int:
+    """Cancel a job: every unfinished item CANCELED, its prediction canceled.
+
+    Returns how many items were canceled. Safe to run while a flow run works
+    on the job: each item's change is checked like any other, and a create
+    that finishes afterwards cancels its own prediction.
+    """
+    with db.connection() as conn:
+        state = schema.refresh(conn)
+        conn.execute(
+            "UPDATE jobs SET status = %s, updated_at = now() WHERE id = %s",
+            (state.stored_job_status(JobStatus.CANCELED), job_id),
+        )
+        open_items = [i for i in items_of(conn, job_id) if not i.status.is_final]
+
+    canceled = 0
+    for item in open_items:
+        if item.prediction_id:
+            try:
+                provider.cancel(item.prediction_id)
+            except ProviderError as exc:
+                logger.warning(
+                    "item %s: could not cancel prediction %s (%s)",
+                    item.id,
+                    item.prediction_id,
+                    exc,
+                )
+        try:
+            with db.connection() as conn:
+                transition(
+                    conn,
+                    state,
+                    item.id,
+                    ItemStatus.CANCELED,
+                    reason=reason,
+                    error=reason,
+                )
+        except IllegalTransitionError:
+            continue
+        canceled += 1
+
+    with db.connection() as conn:
+        refresh_job_status(conn, state, job_id)
+
+    return canceled
