@@ -17,8 +17,10 @@ from __future__ import annotations
 import re
 from pathlib import Path, PurePosixPath
 
+from prefect.blocks.core import Block
 from prefect.filesystems import LocalFileSystem, WritableFileSystem
 
+from imageopt.errors import ConfigurationError
 from imageopt.settings import Settings, get_settings
 
 # Path separators and control characters cannot be part of one path segment;
@@ -35,7 +37,15 @@ def load_storage(
     if output is not None:
         return LocalFileSystem(basepath=str(Path(output).absolute()))
     if settings.storage_block:
-        return WritableFileSystem.load(settings.storage_block)
+        block = Block.load(settings.storage_block)
+        if not isinstance(block, WritableFileSystem):
+            msg = (
+                f"IMAGEOPT_STORAGE_BLOCK names {settings.storage_block!r}, a "
+                f"{type(block).__name__}: outputs need a writable filesystem "
+                "block such as local-file-system/NAME"
+            )
+            raise ConfigurationError(msg)
+        return block
 
     return LocalFileSystem(basepath=str((settings.home / "outputs").absolute()))
 

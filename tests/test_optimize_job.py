@@ -411,3 +411,50 @@ def test_submit_refuses_invalid_options_in_one_line(database):
     assert refused.returncode == 2
     assert out.strip().count("\n") == 0
     assert "--quality" in out and "Traceback" not in out
+
+
+def test_outputs_go_to_the_prefect_filesystem_block_the_settings_name(
+    prefect_api, database, provider, tmp_path: Path, monkeypatch
+):
+    from prefect.filesystems import LocalFileSystem
+
+    provider("--create-limit", "0", "--read-limit", "0")
+    block_name = f"outputs-{os.getpid()}-{time.monotonic_ns()}"
+    LocalFileSystem(basepath=str(tmp_path / "block")).save(block_name)
+    monkeypatch.setenv("IMAGEOPT_STORAGE_BLOCK", f"local-file-system/{block_name}")
+    job_id = _submit(database, [str(sample_paths()[0])])
+
+    optimize_job(job_id=job_id)
+
+    (item,) = _report(database, job_id)["items"]
+    assert item["status"] == "COMPLETED"
+    assert item["output"].startswith(str(tmp_path / "block"))
+    assert Path(item["output"]).stat().st_size == item["bytes_out"]
+
+
+def test_the_demo_runs_the_sample_job_on_the_embedded_default(tmp_path: Path):
+    from imageopt.embedded import EmbeddedCluster
+
+    home = tmp_path / "home"
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("IMAGEOPT_", "PREFECT_"))
+    }
+    env["IMAGEOPT_HOME"] = str(home)
+    try:
+        demo = subprocess.run(
+            [sys.executable, "-m", "imageopt", "demo", "--format", "jpeg"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        EmbeddedCluster(home).stop()
+
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert f"job 1: {len(sample_paths())} completed" in demo.stdout
+    outputs = sorted((home / "outputs" / "Demo store" / "job-1").iterdir())
+    assert len(outputs) == len(sample_paths())
+    assert all(path.suffix == ".jpg" for path in outputs)
