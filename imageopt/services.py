@@ -10,6 +10,7 @@ Tests and benchmarks start both the same way.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import logging
 import os
@@ -35,10 +36,21 @@ PROVIDER_LISTENING = "imageopt provider listening on "
 
 
 class ChildProcess:
-    """A service in a child process, whose last output lines are kept for errors."""
+    """A service in a child process.
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+    Its last output lines are kept for error messages, and all of them are
+    written to ``log_path`` when one is given.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        log_path: Path | None = None,
+    ) -> None:
         self.name = name
+        self.log_path = log_path
         self.process = subprocess.Popen(
             argv,
             env=env,
@@ -54,10 +66,17 @@ class ChildProcess:
 
     def _read(self) -> None:
         assert self.process.stdout is not None
-        for line in self.process.stdout:
-            with self._matched:
-                self.lines.append(line.rstrip("\n"))
-                self._matched.notify_all()
+        with contextlib.ExitStack() as stack:
+            log = (
+                stack.enter_context(self.log_path.open("a")) if self.log_path else None
+            )
+            for line in self.process.stdout:
+                if log is not None:
+                    log.write(line)
+                    log.flush()
+                with self._matched:
+                    self.lines.append(line.rstrip("\n"))
+                    self._matched.notify_all()
 
     def wait_for_line(self, prefix: str, timeout: float) -> str:
         """The first output line starting with ``prefix``."""
@@ -120,14 +139,16 @@ def free_port() -> int:
 class ProviderProcess(ChildProcess):
     """``imageopt serve-provider`` on a free loopback port."""
 
-    def __init__(self, *options: str, token: str | None = None) -> None:
+    def __init__(
+        self, *options: str, token: str | None = None, log_path: Path | None = None
+    ) -> None:
         env = dict(os.environ)
         argv = [sys.executable, "-m", "imageopt", "serve-provider", "--port", "0"]
         env.pop("IMAGEOPT_PROVIDER_SERVER_TOKEN", None)
         if token is not None:
             # Given through the environment, not argv, where `ps` would show it.
             env["IMAGEOPT_PROVIDER_SERVER_TOKEN"] = token
-        super().__init__("the provider server", [*argv, *options], env)
+        super().__init__("the provider server", [*argv, *options], env, log_path)
         line = self.wait_for_line(PROVIDER_LISTENING, timeout=60)
         self.url = line[len(PROVIDER_LISTENING) :].strip()
 

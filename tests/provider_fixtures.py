@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import http.server
-import os
-import queue
-import subprocess
 import sys
 import threading
 import time
@@ -22,65 +19,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from imageopt.provider import ProviderClient
 from imageopt.samples import sample_paths
-
-LISTENING_PREFIX = "imageopt provider listening on "
-TOKEN_ENV = "IMAGEOPT_PROVIDER_SERVER_TOKEN"
-START_TIMEOUT = 30.0
+from imageopt.services import ProviderProcess
 
 
-class ProviderServer:
-    """A running ``imageopt serve-provider`` subprocess."""
+class ProviderServer(ProviderProcess):
+    """A running ``imageopt serve-provider`` subprocess, with its log on disk."""
 
     def __init__(self, args: list[str], token: str | None, log_path: Path) -> None:
         self.args = args
         self.token = token
-        self.log_path = log_path
         self._clients: list[ProviderClient] = []
-        env = dict(os.environ)
-        env.pop(TOKEN_ENV, None)
-        if token is not None:
-            env[TOKEN_ENV] = token
-        command = [sys.executable, "-m", "imageopt", "serve-provider", "--port", "0"]
-        self._log = log_path.open("wb")
-        self.process = subprocess.Popen(
-            [*command, *args],
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            env=env,
-            text=True,
-        )
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        # Drain stdout for the server's whole life, so it never blocks on a
-        # full pipe.
-        threading.Thread(target=self._read_stdout, daemon=True).start()
-        self.url = self._wait_for_url()
-
-    def _read_stdout(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self._lines.put(line)
-        self._lines.put(None)
-
-    def _wait_for_url(self) -> str:
-        deadline = time.monotonic() + START_TIMEOUT
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self._lines.get(timeout=left)
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            if line.startswith(LISTENING_PREFIX):
-                return line.removeprefix(LISTENING_PREFIX).strip()
-
-        self.stop()
-        msg = f"the provider did not start ({self.args}); its log:\n{self.log_text()}"
-        raise RuntimeError(msg)
+        super().__init__(*args, token=token, log_path=log_path)
 
     def client(self, **options: Any) -> ProviderClient:
         """A client of this server, with its token unless ``token=`` is given."""
@@ -90,27 +43,13 @@ class ProviderServer:
 
         return client
 
-    def stats(self) -> dict[str, Any]:
-        return httpx.get(f"{self.url}/_stats", timeout=10).json()
-
     def log_text(self) -> str:
-        self._log.flush()
-
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
         for client in self._clients:
             client.close()
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-        self._log.close()
+        super().stop()
 
 
 def start_provider_server(
