@@ -16,6 +16,7 @@ module orchestrates them:
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -170,6 +171,11 @@ def optimize_job(job_id: int, output: str | None = None) -> dict[str, Any]:
     """
     logger = get_run_logger()
     flow_run_id = get_run_context().flow_run.id
+    # Prefect logs every task's end and every retry at INFO, and sends each
+    # line to the API: two to a dozen lines an item that say nothing the task
+    # states in the UI do not, at a cost the server pays per line. Warnings
+    # and errors still go through; the flow logs each item's outcome itself.
+    logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)
     settings = get_settings()
     db = Database.from_settings(settings, max_size=8).open()
     provider = ProviderClient.from_settings(settings)
