@@ -37,6 +37,7 @@ from prefect.runtime import task_run as current_task_run
 from prefect.states import Cancelled
 
 from imageopt import pipeline
+from imageopt.admission import Admission
 from imageopt.db import Database
 from imageopt.errors import PredictionPendingError, ProviderUnavailableError
 from imageopt.jobs import (
@@ -179,11 +180,13 @@ def optimize_job(job_id: int, output: str | None = None) -> dict[str, Any]:
     settings = get_settings()
     db = Database.from_settings(settings, max_size=8).open()
     provider = ProviderClient.from_settings(settings)
+    admission = None
     try:
         with db.connection() as conn:
             job = load_job(conn, job_id)
         storage = load_storage(output, settings)
-        rt = pipeline.Runtime(db, provider, storage, settings, job)
+        admission = Admission.open(db, settings)
+        rt = pipeline.Runtime(db, provider, storage, settings, job, admission)
         _runtimes[flow_run_id] = rt
 
         def waiting() -> None:
@@ -193,6 +196,8 @@ def optimize_job(job_id: int, output: str | None = None) -> dict[str, Any]:
             return _run(rt, logger)
     finally:
         _runtimes.pop(flow_run_id, None)
+        if admission is not None:
+            admission.close()
         provider.close()
         db.close()
 

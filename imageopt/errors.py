@@ -13,6 +13,9 @@ into these once, where imageopt meets them, so callers handle one vocabulary::
     │   │   └── MigrationChecksumError   an applied file was changed afterwards
     │   └── IllegalTransitionError  an item status change that is not allowed
     ├── ImageError                  an image cannot be optimized (empty, broken, a bomb)
+    ├── AdmissionError              admission could not let an item or a poll go
+    │   ├── AdmissionTimeoutError   no grant within the time the caller allowed
+    │   └── AdmissionClosedError    admission was closed while it waited
     └── ProviderError               the prediction API did not do what was asked
         ├── ThrottledError          429: wait ``retry_after`` seconds
         ├── ProviderUnavailableError    5xx, refused connection, timeout
@@ -127,3 +130,19 @@ class PredictionPendingError(ProviderError):
         super().__init__(
             f"item {item_id}: prediction {prediction_id} is still {status}"
         )
+
+
+class AdmissionError(ImageoptError):
+    """Admission could not let an item create its prediction, or a poll go out."""
+
+
+class AdmissionTimeoutError(AdmissionError, TimeoutError):
+    """No grant came within the time the caller was willing to wait.
+
+    Nothing is wrong with the item: the rate or the slots are taken by other
+    work. The message names the store and the limits involved.
+    """
+
+
+class AdmissionClosedError(AdmissionError):
+    """Admission was closed while a thread waited for a grant."""

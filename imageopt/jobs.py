@@ -33,6 +33,7 @@ IMAGE_SUFFIXES = frozenset(
 class Job:
     id: int
     store: str
+    store_id: int
     status: str
     params: dict[str, Any]
 
@@ -179,7 +180,7 @@ def submit(
 
 def load_job(conn: psycopg.Connection, job_id: int) -> Job:
     row = conn.execute(
-        "SELECT j.id, s.name, j.status, j.params FROM jobs j"
+        "SELECT j.id, s.name, s.id, j.status, j.params FROM jobs j"
         " JOIN stores s ON s.id = j.store_id WHERE j.id = %s",
         (job_id,),
     ).fetchone()
@@ -187,7 +188,7 @@ def load_job(conn: psycopg.Connection, job_id: int) -> Job:
         msg = f"there is no job {job_id}: `imageopt status` lists what exists"
         raise NotFoundError(msg)
 
-    return Job(row[0], row[1], row[2], row[3])
+    return Job(*row)
 
 
 def get_item(conn: psycopg.Connection, item_id: int) -> Item:

@@ -32,6 +32,7 @@ from typing import Any
 
 from prefect.filesystems import WritableFileSystem
 
+from imageopt.admission import Admission
 from imageopt.db import Database
 from imageopt.errors import (
     CreateOutcomeUnknownError,
@@ -100,6 +101,7 @@ class Runtime:
     storage: WritableFileSystem
     settings: Settings
     job: Job
+    admission: Admission
     schema: SchemaCheck = field(default_factory=SchemaCheck)
     timing: PredictionTiming = field(default_factory=PredictionTiming)
 
@@ -173,11 +175,25 @@ def provider_input(rt: Runtime, item: Item) -> dict[str, Any]:
 
 
 def create_prediction(rt: Runtime, item: Item) -> str | None:
-    """Claim a PENDING item and create its prediction; return the prediction id.
+    """Admit, claim and create: the item's new prediction id.
 
-    Returns None when the item ended here (failed, or canceled meanwhile) or
-    was not PENDING any more.
+    The item waits for admission while still PENDING, then takes a slot that
+    it keeps until its prediction ends. Returns None, giving the slot back,
+    when the item ended here (failed, or canceled meanwhile) or was not
+    PENDING any more.
     """
+    rt.admission.admit_create(rt.job.store_id, item.id)
+    prediction_id = None
+    try:
+        prediction_id = _claim_and_create(rt, item)
+    finally:
+        if prediction_id is None:
+            rt.admission.release(item.id)
+
+    return prediction_id
+
+
+def _claim_and_create(rt: Runtime, item: Item) -> str | None:
     try:
         _move(rt, item.id, ItemStatus.RUNNING, "creating the prediction")
     except IllegalTransitionError:
@@ -237,11 +253,13 @@ def _create_once(rt: Runtime, item: Item, prediction_input: dict) -> Prediction:
                 prediction_input, cancel_after=rt.settings.prediction_deadline
             )
         except ThrottledError as exc:
-            # A 429 means nothing was created: waiting and sending again is safe.
+            # A 429 means nothing was created: sending again is safe, once
+            # admission, slowed down for every process, lets the item go.
             logger.debug(
-                "item %s: create throttled, waiting %.1f s", item.id, exc.retry_after
+                "item %s: create throttled for %.1f s", item.id, exc.retry_after
             )
-            time.sleep(exc.retry_after)
+            rt.admission.throttled("create", exc.retry_after)
+            rt.admission.admit_create(rt.job.store_id, item.id)
             continue
         except ProviderUnavailableError:
             # The request never reached the provider: safe to send again.
@@ -279,6 +297,7 @@ def reconcile(
     for attempt in range(RECONCILE_ATTEMPTS):
         if attempt:
             time.sleep(RECONCILE_PAUSE)
+        rt.admission.admit_read(rt.job.store_id)
         found = rt.provider.reconcile(prediction_input, since=since, exclude=taken)
         if found is not None:
             logger.info(
@@ -327,20 +346,25 @@ def poll_prediction(rt: Runtime, item_id: int, prediction_id: str) -> Outcome:
     with rt.db.connection() as conn:
         item = get_item(conn, item_id)
     if item.status.is_final:
+        rt.admission.release(item_id)
         return Outcome(item_id, item.status, "ended elsewhere")
 
+    rt.admission.admit_read(rt.job.store_id)
     try:
         prediction = rt.provider.get(prediction_id)
     except PredictionNotFoundError:
-        return fail(
+        outcome = fail(
             rt,
             item_id,
             f"the provider no longer knows prediction {prediction_id}; resubmit",
         )
-    if not prediction.is_terminal:
-        raise PredictionPendingError(item_id, prediction_id, prediction.status)
+    else:
+        if not prediction.is_terminal:
+            raise PredictionPendingError(item_id, prediction_id, prediction.status)
+        outcome = finish(rt, item, prediction)
 
-    return finish(rt, item, prediction)
+    rt.admission.release(item_id)
+    return outcome
 
 
 def finish(rt: Runtime, item: Item, prediction: Prediction) -> Outcome:
@@ -426,6 +450,7 @@ def _format_from_url(url: str) -> str:
 def give_up(rt: Runtime, item: Item, prediction_id: str, why: str) -> Outcome:
     """Stop waiting for a prediction: cancel it and fail the item."""
     _cancel_quietly(rt, prediction_id)
+    rt.admission.release(item.id)
     reason = f"prediction {prediction_id} was canceled: {why}; resubmit the image"
     try:
         return fail(rt, item.id, reason)

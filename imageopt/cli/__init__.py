@@ -21,7 +21,7 @@ EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from imageopt.cli import database, jobs, provider
+    from imageopt.cli import admission, database, jobs, provider
 
     parser = argparse.ArgumentParser(
         prog="imageopt",
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0, help="debug logging"
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (database, jobs, provider):
+    for module in (database, jobs, provider, admission):
         module.register(commands)
 
     return parser
