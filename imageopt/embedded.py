@@ -26,7 +26,6 @@ import shutil
 import socket
 import stat
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -322,18 +321,3 @@ def _port_is_free(port: int) -> bool:
         except OSError:
             return False
         return True
-
-
-def wait_until_accepting(url: str, timeout: float = 30.0) -> None:
-    """Block until a PostgreSQL server at ``url`` accepts connections."""
-    import psycopg
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            psycopg.connect(url, connect_timeout=2).close()
-            return
-        except psycopg.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)

@@ -45,7 +45,7 @@ from imageopt.errors import (
     RejectedError,
     ThrottledError,
 )
-from imageopt.jobs import Item, Job, get_item, is_url, items_of, load_job
+from imageopt.jobs import Item, Job, get_item, is_url, items_of
 from imageopt.provider import Prediction, PredictionStatus, ProviderClient
 from imageopt.records import refresh_job_status, transition
 from imageopt.schema import SchemaCheck
@@ -108,11 +108,6 @@ class Runtime:
     def refresh_schema(self) -> None:
         with self.db.connection() as conn:
             self.schema.refresh(conn)
-
-    def reload_job(self) -> Job:
-        with self.db.connection() as conn:
-            self.job = load_job(conn, self.job.id)
-        return self.job
 
 
 @dataclass(frozen=True)
