@@ -34,7 +34,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.context import get_run_context
 from prefect.runtime import task_run as current_task_run
-from prefect.states import Cancelled
+from prefect.states import Cancelled, State
 
 from imageopt import pipeline
 from imageopt.admission import Admission
@@ -164,11 +164,12 @@ def _on_cancellation(flow, flow_run, state) -> None:
     on_cancellation=[_on_cancellation],
     log_prints=False,
 )
-def optimize_job(job_id: int, output: str | None = None) -> dict[str, Any]:
+def optimize_job(job_id: int, output: str | None = None) -> dict[str, Any] | State:
     """Optimize every image of job ``job_id``; running it again resumes it.
 
     ``output`` is a folder to store outputs in, instead of the configured
-    storage. Returns the job's summary.
+    storage. Returns the job's summary, or a Cancelled state carrying it when
+    the job was canceled during the run.
     """
     logger = get_run_logger()
     flow_run_id = get_run_context().flow_run.id
@@ -202,7 +203,7 @@ def optimize_job(job_id: int, output: str | None = None) -> dict[str, Any]:
         db.close()
 
 
-def _run(rt: pipeline.Runtime, logger) -> Any:
+def _run(rt: pipeline.Runtime, logger) -> dict[str, Any] | State:
     began = time.monotonic()
     rt.refresh_schema()
     with rt.db.connection() as conn:
