@@ -6,4 +6,4 @@ with a ``bench`` key. Comparisons run side by side in one invocation so that
 the machine's drift affects both sides alike.
 """
 
-BENCHMARKS = ("optimizer", "scaling")
+BENCHMARKS = ("optimizer", "scaling", "throughput")
