@@ -17,55 +17,20 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import psycopg
 import pytest
+from admission_fixtures import add_store
 
 from imageopt.admission import Admission, Limits, Scheduler, TokenBucket, Waiting
 from imageopt.cli import admission as admission_cli
 from imageopt.db import Database
 from imageopt.errors import AdmissionError, AdmissionTimeoutError
 from imageopt.migrate import run_migrations
-from imageopt.records import ensure_store
 from imageopt.settings import Settings
 
 _item_ids = itertools.count(1)
-
-
-@pytest.fixture
-def conninfo(make_database: Callable[[], str]) -> str:
-    conninfo = make_database()
-    run_migrations(conninfo)
-    return conninfo
-
-
-@pytest.fixture
-def db(conninfo: str) -> Iterator[Database]:
-    with Database(conninfo, max_size=4) as db:
-        yield db
-
-
-@pytest.fixture
-def opened(db: Database) -> Iterator[Callable[..., Admission]]:
-    """Open admissions on the test's database; each is closed afterwards."""
-    admissions: list[Admission] = []
-
-    def open_admission(**settings) -> Admission:
-        defaults = {"admission_burst_seconds": 1.0, "max_in_flight": 1000}
-        admission = Admission.open(db, Settings(**{**defaults, **settings}))
-        admissions.append(admission)
-        return admission
-
-    yield open_admission
-
-    for admission in admissions:
-        admission.close()
-
-
-def _store(conninfo: str, name: str, weight: int = 1) -> int:
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        return ensure_store(conn, name, weight=weight)
 
 
 class Crowd:
@@ -131,7 +96,7 @@ def _between(
 
 
 def test_a_store_alone_gets_the_whole_creation_rate(conninfo, opened):
-    store_id = _store(conninfo, "Alone")
+    store_id = add_store(conninfo, "Alone")
     admission = opened(creates_per_minute=600)
     log: list[tuple[float, int]] = []
 
@@ -149,7 +114,7 @@ def test_a_store_alone_gets_the_whole_creation_rate(conninfo, opened):
 
 
 def test_two_waiting_stores_share_the_rate_by_their_weights(conninfo, opened):
-    light, heavy = _store(conninfo, "Light", 1), _store(conninfo, "Heavy", 3)
+    light, heavy = add_store(conninfo, "Light", 1), add_store(conninfo, "Heavy", 3)
     admission = opened(creates_per_minute=1200)
     log: list[tuple[float, int]] = []
 
@@ -168,7 +133,7 @@ def test_two_waiting_stores_share_the_rate_by_their_weights(conninfo, opened):
 
 
 def test_a_store_that_starts_waiting_late_is_served_at_the_next_grant(conninfo, opened):
-    early, late = _store(conninfo, "Early"), _store(conninfo, "Late")
+    early, late = add_store(conninfo, "Early"), add_store(conninfo, "Late")
     admission = opened(creates_per_minute=600)
     log: list[tuple[float, int]] = []
     crowd = Crowd(admission, early, 20, log=log)
@@ -186,7 +151,7 @@ def test_a_store_that_starts_waiting_late_is_served_at_the_next_grant(conninfo, 
 
 
 def test_slots_in_flight_are_bounded_across_processes(conninfo, opened):
-    store_id = _store(conninfo, "Busy")
+    store_id = add_store(conninfo, "Busy")
     first = opened(creates_per_minute=6000, max_in_flight=5)
     second = opened(creates_per_minute=6000, max_in_flight=5)
     log: list[tuple[float, int]] = []
@@ -211,7 +176,7 @@ def test_slots_in_flight_are_bounded_across_processes(conninfo, opened):
 
 
 def test_a_released_slot_goes_to_a_waiter_of_another_process_at_once(conninfo, opened):
-    store_id = _store(conninfo, "Releasing")
+    store_id = add_store(conninfo, "Releasing")
     holder = opened(max_in_flight=2, admission_lease_seconds=60)
     waiter = opened(max_in_flight=2, admission_lease_seconds=60)
     held = [holder.admit_create(store_id, next(_item_ids)) for _ in range(2)]
@@ -232,7 +197,7 @@ def test_a_released_slot_goes_to_a_waiter_of_another_process_at_once(conninfo, o
 def test_the_slots_of_a_process_that_died_return_after_its_lease(
     conninfo, opened, caplog
 ):
-    store_id = _store(conninfo, "Survivor")
+    store_id = add_store(conninfo, "Survivor")
     script = textwrap.dedent(
         f"""
         import os, signal
@@ -269,7 +234,7 @@ def test_the_slots_of_a_process_that_died_return_after_its_lease(
 def test_a_closed_admission_keeps_its_unreleased_slots_until_its_lease_runs_out(
     conninfo, opened
 ):
-    store_id = _store(conninfo, "Closing")
+    store_id = add_store(conninfo, "Closing")
     closing = opened(max_in_flight=1, admission_lease_seconds=2)
     closing.admit_create(store_id, next(_item_ids))
     closing.close()
@@ -281,7 +246,7 @@ def test_a_closed_admission_keeps_its_unreleased_slots_until_its_lease_runs_out(
 
 
 def test_a_429_slows_every_process_and_the_rate_climbs_back(conninfo, opened):
-    store_id = _store(conninfo, "Throttled")
+    store_id = add_store(conninfo, "Throttled")
     limits = {"creates_per_minute": 1200, "admission_recovery_seconds": 3.0}
     throttled = opened(**limits)
     bystander = opened(**limits)
@@ -306,7 +271,7 @@ def test_a_429_slows_every_process_and_the_rate_climbs_back(conninfo, opened):
 
 
 def test_two_processes_together_stay_within_the_rate(conninfo, opened):
-    stores = [_store(conninfo, "First"), _store(conninfo, "Second")]
+    stores = [add_store(conninfo, "First"), add_store(conninfo, "Second")]
     admissions = [opened(creates_per_minute=1200) for _ in stores]
     log: list[tuple[float, int]] = []
 
@@ -326,7 +291,7 @@ def test_two_processes_together_stay_within_the_rate(conninfo, opened):
 
 
 def test_grants_take_a_fraction_of_a_transaction_each(conninfo, opened):
-    store_id = _store(conninfo, "Cheap")
+    store_id = add_store(conninfo, "Cheap")
     admission = opened(creates_per_minute=600, reads_per_minute=3000)
     stop = threading.Event()
 
@@ -351,7 +316,7 @@ def test_grants_take_a_fraction_of_a_transaction_each(conninfo, opened):
 
 
 def test_an_item_that_waits_too_long_gets_an_error_naming_it(conninfo, opened):
-    store_id = _store(conninfo, "Patient")
+    store_id = add_store(conninfo, "Patient")
     admission = opened(max_in_flight=1)
     admission.admit_create(store_id, 101)
 
@@ -366,7 +331,7 @@ def test_an_older_schema_gets_in_process_admission_with_one_warning(
 ):
     conninfo = make_database()
     run_migrations(conninfo, to=3)
-    store_id = _store(conninfo, "Old schema")
+    store_id = add_store(conninfo, "Old schema")
     settings = Settings(max_in_flight=1, admission_burst_seconds=1.0)
 
     with (
@@ -415,7 +380,7 @@ def test_the_admission_command_shows_waiting_items_and_shares(
     conninfo, opened, monkeypatch, capsys
 ):
     monkeypatch.setenv("IMAGEOPT_DATABASE_URL", conninfo)
-    store_id = _store(conninfo, "Shown", 2)
+    store_id = add_store(conninfo, "Shown", 2)
     admission = opened(max_in_flight=1, creates_per_minute=600)
     admission.admit_create(store_id, next(_item_ids))
     item_id = next(_item_ids)

@@ -21,23 +21,19 @@ import textwrap
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
-import pytest
+from admission_fixtures import add_store
 from PIL import Image
 
 from flows.optimize_job import optimize_job
 from imageopt.admission import Admission
-from imageopt.db import Database
 from imageopt.errors import AdmissionClosedError, AdmissionTimeoutError
 from imageopt.jobs import job_report, submit
-from imageopt.migrate import run_migrations
 from imageopt.optimizer import OptimizeOptions
-from imageopt.records import ensure_store
 from imageopt.schema import SchemaCheck
-from imageopt.settings import Settings
 
 # A grantee notes the time a moment after the pass that granted it (a
 # thread waking, longer on a busy machine), so a window of noted times can
@@ -46,41 +42,6 @@ from imageopt.settings import Settings
 LATE = 0.5
 
 _item_ids = itertools.count(1)
-
-
-@pytest.fixture
-def conninfo(make_database: Callable[[], str]) -> str:
-    conninfo = make_database()
-    run_migrations(conninfo)
-    return conninfo
-
-
-@pytest.fixture
-def db(conninfo: str) -> Iterator[Database]:
-    with Database(conninfo, max_size=4) as db:
-        yield db
-
-
-@pytest.fixture
-def opened(db: Database) -> Iterator[Callable[..., Admission]]:
-    """Open admissions (agents) on the test's database; each closed afterwards."""
-    admissions: list[Admission] = []
-
-    def open_admission(**settings) -> Admission:
-        defaults = {"admission_burst_seconds": 1.0, "max_in_flight": 1000}
-        admission = Admission.open(db, Settings(**{**defaults, **settings}))
-        admissions.append(admission)
-        return admission
-
-    yield open_admission
-
-    for admission in admissions:
-        admission.close()
-
-
-def _store(conninfo: str, name: str, weight: int = 1) -> int:
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        return ensure_store(conn, name, weight=weight)
 
 
 def _allowed(per_minute: float, burst_seconds: float, window: float) -> int:
@@ -194,7 +155,7 @@ def test_no_window_of_ten_seconds_holds_more_grants_than_the_rate_and_burst(
     conninfo, opened
 ):
     """The create rate, 360 a minute here, holds over every sliding window."""
-    store_id = _store(conninfo, "Windowed")
+    store_id = add_store(conninfo, "Windowed")
     admission = opened(creates_per_minute=360, admission_burst_seconds=1.0)
     # Idle long enough for the bucket to fill: the first window holds the burst.
     time.sleep(1.5)
@@ -307,7 +268,7 @@ def test_three_processes_sharing_one_rate_take_all_of_it_and_never_more(
     and the burst. All of it: nine tenths of the rate at least, counted
     after the first 2 s (the burst and the threads starting).
     """
-    store_ids = [_store(conninfo, f"Process {n}") for n in range(3)]
+    store_ids = [add_store(conninfo, f"Process {n}") for n in range(3)]
     settings = {"creates_per_minute": 360, "admission_burst_seconds": 1.0}
 
     started, granted = _grantees(conninfo, store_ids, settings, threads=8, run=14.0)
@@ -325,7 +286,7 @@ def test_weights_of_two_to_one_share_grants_two_to_one_across_two_agents(
     Only grants made while the other store had a waiter count: a store alone
     rightly takes everything.
     """
-    heavy, light = _store(conninfo, "Heavy", 2), _store(conninfo, "Light", 1)
+    heavy, light = add_store(conninfo, "Heavy", 2), add_store(conninfo, "Light", 1)
     waiting: Counter[int] = Counter()
     lock = threading.Lock()
     askers = {
@@ -347,7 +308,7 @@ def test_a_store_arriving_behind_a_backlog_of_500_waits_at_most_two_grants(
 ):
     """The backlog waits in another agent; counted from before the late store
     asked, so the grants made while its agent registered it count too."""
-    early, late = _store(conninfo, "Backlogged"), _store(conninfo, "Late")
+    early, late = add_store(conninfo, "Backlogged"), add_store(conninfo, "Late")
     # One grant a second: grants that far apart keep their order in the
     # grantees' timestamps, and the late store's agent registers it well
     # within one.
@@ -372,7 +333,7 @@ def test_a_killed_holders_slots_go_to_a_waiter_elsewhere_within_its_lease(
 ):
     """The holder renews its lease as it runs, so it ends at most a lease after
     the kill; the waiter is told at once (the margin is a pass and a wake-up)."""
-    store_id = _store(conninfo, "Outliving")
+    store_id = add_store(conninfo, "Outliving")
     lease = 4.0
     script = textwrap.dedent(
         f"""
