@@ -266,15 +266,25 @@ class ProviderClient:
     def from_settings(
         cls, settings: Settings | None = None, **options: Any
     ) -> ProviderClient:
-        """A client for ``IMAGEOPT_PROVIDER_URL`` and ``IMAGEOPT_PROVIDER_TOKEN``."""
+        """A client for the provider the settings name (URL, token, model or version).
+
+        They come from the ``imageopt-provider`` block ``IMAGEOPT_PROVIDER_BLOCK``
+        names, else from ``IMAGEOPT_PROVIDER_URL``, ``IMAGEOPT_PROVIDER_TOKEN``
+        and the rest.
+        """
         settings = settings or get_settings()
         if not settings.provider_url:
             msg = (
                 "no prediction API configured: set IMAGEOPT_PROVIDER_URL to its base "
                 "URL (https://api.replicate.com, or the URL `imageopt serve-provider` "
-                "prints) and IMAGEOPT_PROVIDER_TOKEN to its token"
+                "prints) and IMAGEOPT_PROVIDER_TOKEN to its token, or "
+                "IMAGEOPT_PROVIDER_BLOCK to a saved imageopt-provider block"
             )
             raise ConfigurationError(msg)
+        if settings.provider_model:
+            options.setdefault("model", settings.provider_model)
+        if settings.provider_version:
+            options.setdefault("version", settings.provider_version)
 
         return cls(settings.provider_url, settings.provider_token, **options)
 

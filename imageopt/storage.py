@@ -2,10 +2,12 @@
 
 Outputs are copied as soon as a prediction succeeds, since the provider's
 output URLs expire (about an hour after completion on Replicate). The place
-is a Prefect filesystem block: ``IMAGEOPT_STORAGE_BLOCK`` names a saved block
+is a Prefect filesystem block: ``IMAGEOPT_STORAGE_BLOCK`` (or the optimizer
+block's ``storage_block``) names a saved block
 (``local-file-system/imageopt-outputs``, ``remote-file-system/...``), else a
-local folder is used, ``$IMAGEOPT_HOME/outputs`` by default or the folder
-``imageopt run --output DIR`` gives.
+local folder is used: the one ``imageopt run --output DIR`` gives, else
+``IMAGEOPT_OUTPUT_FOLDER`` (or the optimizer block's ``output_folder``), else
+``$IMAGEOPT_HOME/outputs``.
 
 Each output goes to ``<store>/job-<job>/<item>-<name>.<format>``; the same
 item always maps to the same path, so copying again after a crash overwrites
@@ -40,14 +42,15 @@ def load_storage(
         block = Block.load(settings.storage_block)
         if not isinstance(block, WritableFileSystem):
             msg = (
-                f"IMAGEOPT_STORAGE_BLOCK names {settings.storage_block!r}, a "
-                f"{type(block).__name__}: outputs need a writable filesystem "
-                "block such as local-file-system/NAME"
+                f"the storage block {settings.storage_block!r} (IMAGEOPT_STORAGE_BLOCK"
+                f" or the optimizer block's) is a {type(block).__name__}: outputs "
+                "need a writable filesystem block such as local-file-system/NAME"
             )
             raise ConfigurationError(msg)
         return block
 
-    return LocalFileSystem(basepath=str((settings.home / "outputs").absolute()))
+    folder = settings.output_folder or settings.home / "outputs"
+    return LocalFileSystem(basepath=str(folder.absolute()))
 
 
 def output_path(store: str, job_id: int, item_id: int, source: str, fmt: str) -> str:

@@ -18,7 +18,7 @@ from imageopt.jobs import dumps, expand_sources, job_report, status_counts, subm
 from imageopt.optimizer import FORMATS, OptimizeOptions
 from imageopt.schema import SchemaCheck
 from imageopt.services import wait_for_history
-from imageopt.settings import get_settings
+from imageopt.settings import Settings, get_settings
 from imageopt.status import ItemStatus
 
 logger = logging.getLogger(__name__)
@@ -39,8 +39,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     submit_cmd.add_argument("sources", nargs="+", metavar="SOURCE")
     submit_cmd.add_argument("--store", required=True, help="the store's name")
-    submit_cmd.add_argument("--format", choices=FORMATS, default="auto")
-    submit_cmd.add_argument("--quality", type=int, default=80, help="1 to 100")
+    submit_cmd.add_argument(
+        "--format", choices=FORMATS, help="default: the settings' default_format"
+    )
+    submit_cmd.add_argument(
+        "--quality", type=int, help="1 to 100; default: the settings' default_quality"
+    )
     submit_cmd.add_argument("--max-width", type=int, metavar="PIXELS")
     submit_cmd.add_argument("--max-height", type=int, metavar="PIXELS")
     submit_cmd.set_defaults(handler=_submit)
@@ -90,11 +94,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     demo_cmd.set_defaults(handler=_demo)
 
 
-def _options(args: argparse.Namespace) -> OptimizeOptions:
+def _options(args: argparse.Namespace, settings: Settings) -> OptimizeOptions:
     try:
         return OptimizeOptions(
-            format=args.format,
-            quality=args.quality,
+            format=args.format or settings.default_format,
+            quality=settings.default_quality if args.quality is None else args.quality,
             max_width=args.max_width,
             max_height=args.max_height,
         )
@@ -107,9 +111,9 @@ def _options(args: argparse.Namespace) -> OptimizeOptions:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    options = _options(args)
-    sources = list(expand_sources(args.sources))
     settings = get_settings()
+    options = _options(args, settings)
+    sources = list(expand_sources(args.sources))
     with Database(database_url(settings), max_size=1) as db, db.connection() as conn:
         schema = SchemaCheck().refresh(conn)
         job_id = submit(
