@@ -202,6 +202,9 @@ class PrefectServerProcess(ChildProcess):
             "PREFECT_HOME": str(home),
             "PREFECT_API_DATABASE_CONNECTION_URL": asyncpg_url(conninfo, dbname),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            # The UI the server serves calls the API at this URL; left unset it
+            # would be derived from the default port, 4200, not this one.
+            "PREFECT_UI_API_URL": self.url,
             **(extra_env or {}),
         }
         argv = [
