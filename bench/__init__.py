@@ -6,4 +6,11 @@ with a ``bench`` key. Comparisons run side by side in one invocation so that
 the machine's drift affects both sides alike.
 """
 
-BENCHMARKS = ("optimizer", "scaling", "throughput")
+BENCHMARKS = (
+    "optimizer",
+    "ceiling",
+    "fairness",
+    "history",
+    "scaling",
+    "throughput",
+)

@@ -1,41 +1,78 @@
 """Scaling: one job of 100, 1,000 and 10,000 items, zero latency, no limits.
 
-Per size, a line with ``items``, ``seconds_per_item``, ``peak_rss_mb`` and
-``peak_threads`` of the flow's process: flat per-item cost and bounded
-memory and threads are the point.
+Each size is one job of one store, run by ``imageopt run JOB`` in a process
+of its own against a provider with no latency and no rate limits, and with
+admission's rates set out of reach (a million a minute), so that nothing but
+the pipeline paces it; admission's bound of 100 predictions in flight, the
+flow's window, stays. The sizes run one after another on one Prefect server,
+each with its own database and provider. Per size, a line with:
 
-    python -m bench scaling          # 100, 1,000 and 10,000 items
-    python -m bench scaling --quick  # 100 and 1,000
+- ``seconds_per_item``: from the first create (an item's PENDING -> RUNNING)
+  to the last completion, / items: the pipeline's own pace, start-up left out;
+- ``history_lag_seconds``: from the last completion until the process ended,
+  which ``imageopt run`` does once the Prefect server has recorded every task
+  run of the flow run;
+- ``seconds``: the process's wall time, start-up and that wait included;
+- ``flow_cpu_ms_per_item`` and ``server_cpu_ms_per_item``: CPU time of the
+  flow's process (all of it, start-up included) and of the Prefect server
+  (from the flow's start to its end), / items;
+- ``peak_rss_mb`` and ``peak_threads`` of the flow's process, sampled from
+  ``/proc`` every 0.2 s.
+
+Flat per-item cost and bounded memory and threads are the point.
+
+    python -m bench scaling          # 100, 1,000 and 10,000 items (~20 min)
+    python -m bench scaling --quick  # 50 and 200
 """
 
 from __future__ import annotations
 
-from bench.harness import environment, run_job, submit_job, tiny_image
+from bench.harness import (
+    NO_ADMISSION_LIMITS,
+    environment,
+    item_times,
+    prefect_server,
+    run_job,
+    submit_job,
+    tiny_image,
+)
 
 SIZES = (100, 1_000, 10_000)
-QUICK_SIZES = (100, 1_000)
+QUICK_SIZES = (50, 200)
+PROVIDER = ("--create-limit", "0", "--read-limit", "0")
 
 
 def run(quick: bool = False) -> list[dict]:
     results = []
-    for size in QUICK_SIZES if quick else SIZES:
-        with environment("--create-limit", "0", "--read-limit", "0") as env:
-            source = str(tiny_image(env.workdir))
-            job_id = submit_job(env.conninfo, "Scaling", [source] * size, format="jpeg")
-            run = run_job(env, job_id)
-            stats = env.provider.stats()
-        if run.returncode != 0:
-            raise RuntimeError(f"the {size}-item job failed:\n{run.output[-3000:]}")
-        results.append(
-            {
-                "bench": "scaling",
-                "items": size,
-                "seconds": round(run.seconds, 1),
-                "seconds_per_item": round(run.seconds / size, 4),
-                "peak_rss_mb": run.peak_rss_mb,
-                "peak_threads": run.peak_threads,
-                "creates": stats["creates"],
-            }
-        )
+    with prefect_server() as server:
+        for size in QUICK_SIZES if quick else SIZES:
+            with environment(*PROVIDER, server=server) as env:
+                source = str(tiny_image(env.workdir))
+                job_id = submit_job(
+                    env.conninfo, "Scaling", [source] * size, format="jpeg"
+                )
+                server_cpu = server.cpu_seconds()
+                run = run_job(env, job_id, **NO_ADMISSION_LIMITS)
+                server_cpu = server.cpu_seconds() - server_cpu
+                run.check(f"the {size}-item job")
+                stats = env.provider.stats()
+                times = item_times(env.conninfo, [job_id])
+            results.append(
+                {
+                    "bench": "scaling",
+                    "items": size,
+                    "completed": len(times.completions),
+                    "seconds_per_item": round(times.span / size, 4),
+                    "history_lag_seconds": round(
+                        run.ended_at - times.last_completion, 1
+                    ),
+                    "seconds": round(run.seconds, 1),
+                    "flow_cpu_ms_per_item": round(1000 * run.cpu_seconds / size, 1),
+                    "server_cpu_ms_per_item": round(1000 * server_cpu / size, 1),
+                    "peak_rss_mb": run.peak_rss_mb,
+                    "peak_threads": run.peak_threads,
+                    "creates": stats["creates"],
+                }
+            )
 
     return results
