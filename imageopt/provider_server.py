@@ -50,7 +50,14 @@ prediction and then answers 500 or cuts the answer off
 (``lost_create_answer``), which is what ``reconcile`` exists for;
 ``fail_rate``, ``aborted_rate`` and ``stuck_rate`` settle a prediction's fate
 at create, and a stuck one stays ``starting`` until it is canceled or its
-Cancel-After deadline passes.
+Cancel-After deadline passes. ``throttle_rate`` answers that share of API
+requests 429 during the first ``throttle_window`` seconds after the first
+one, as a provider does while it sheds a surge; ``expired_output_rate`` makes
+that share of succeeded predictions lose their output file at once, so the
+copy finds it expired (410). ``create_delay`` holds each create's answer back
+after the prediction is made, and ``output_delay`` each output file's, which
+widens the moments a crash can fall into: a prediction that exists and whose
+id the client does not know yet, an output being copied.
 
 Every error answer is JSON ``{"detail": "..."}``; a 429 adds ``retry_after``
 (whole seconds) and, unless told otherwise, a ``Retry-After`` header. With a
@@ -223,6 +230,11 @@ class ProviderConfig(BaseModel):
     fail_rate: float = Field(0.0, ge=0, le=1)
     aborted_rate: float = Field(0.0, ge=0, le=1)
     stuck_rate: float = Field(0.0, ge=0, le=1)
+    throttle_rate: float = Field(0.0, ge=0, le=1)
+    throttle_window: float = Field(30.0, gt=0)
+    expired_output_rate: float = Field(0.0, ge=0, le=1)
+    create_delay: Latency = Latency()
+    output_delay: Latency = Latency()
     output_ttl: float = Field(3600.0, gt=0)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
     max_bytes: int = Field(DEFAULT_MAX_BYTES, gt=0)
@@ -555,8 +567,19 @@ class _Provider:
             0,
         )
         self.faults = dict.fromkeys(
-            ("errors_5xx", "lost_creates", "failed", "aborted", "stuck"), 0
+            (
+                "errors_5xx",
+                "throttled_injected",
+                "lost_creates",
+                "failed",
+                "aborted",
+                "stuck",
+                "expired_outputs",
+            ),
+            0,
         )
+        # When the first API request came: the throttle window starts then.
+        self.first_request_at: float | None = None
         self.statuses = dict.fromkeys((s.value for s in PredictionStatus), 0)
         self.started = time.monotonic()
         token = config.token.get_secret_value() if config.token else None
@@ -672,6 +695,9 @@ class _Provider:
         prediction_id = request.path_params["id"]
         output = self.outputs.get(prediction_id)
         if output is not None and output.filename == request.path_params["file"]:
+            delay = self.config.output_delay.draw(self.rng)
+            if delay > 0:
+                await asyncio.sleep(delay)
             return Response(output.data, media_type=output.content_type)
 
         record = self.records.get(prediction_id)
@@ -710,6 +736,10 @@ class _Provider:
         if wait > 0:
             self.counters["throttled"] += 1
             return self._throttled(wait)
+        if self._surge_throttles():
+            self.counters["throttled"] += 1
+            self.faults["throttled_injected"] += 1
+            return self._throttled(1.0)
 
         if self.config.error_rate and self.rng.random() < self.config.error_rate:
             self.faults["errors_5xx"] += 1
@@ -718,6 +748,18 @@ class _Provider:
             )
 
         return None
+
+    def _surge_throttles(self) -> bool:
+        """Whether ``throttle_rate`` answers this request 429."""
+        if not self.config.throttle_rate:
+            return False
+        now = time.monotonic()
+        if self.first_request_at is None:
+            self.first_request_at = now
+        if now - self.first_request_at > self.config.throttle_window:
+            return False
+
+        return self.rng.random() < self.config.throttle_rate
 
     def _throttled(self, wait: float) -> Response:
         seconds = max(1, math.ceil(wait))
@@ -757,6 +799,10 @@ class _Provider:
             if self.config.lost_create_answer == "drop":
                 return _DroppedAnswer()
             return _error(500, "Internal server error (injected by lost-create-rate).")
+
+        delay = self.config.create_delay.draw(self.rng)
+        if delay > 0:
+            await asyncio.sleep(delay)
 
         wait = _prefer_wait(request.headers.get("prefer"))
         if wait and not record.status.is_terminal:
@@ -977,7 +1023,12 @@ class _Provider:
             return
 
         filename = f"output.{_EXTENSIONS.get(result.format, result.format)}"
-        self.outputs.put(record.id, filename, result.data, result.content_type)
+        rate = self.config.expired_output_rate
+        if rate and self.rng.random() < rate:
+            # The record says where the output was; the file is already gone.
+            self.faults["expired_outputs"] += 1
+        else:
+            self.outputs.put(record.id, filename, result.data, result.content_type)
         record.output = {
             "image": f"{record.base_url}outputs/{record.id}/{filename}",
             "format": result.format,

@@ -30,6 +30,11 @@ _CONFIG_OPTIONS = (
     "fail_rate",
     "aborted_rate",
     "stuck_rate",
+    "throttle_rate",
+    "throttle_window",
+    "expired_output_rate",
+    "create_delay",
+    "output_delay",
     "output_ttl",
     "max_pixels",
     "max_bytes",
@@ -173,6 +178,51 @@ def register(commands: argparse._SubParsersAction) -> None:
         help=(
             "predictions that stay 'starting' until canceled or their Cancel-After "
             "deadline passes (default: 0)"
+        ),
+    )
+    faults.add_argument(
+        "--throttle-rate",
+        type=float,
+        metavar="SHARE",
+        help=(
+            "API requests answered 429 (retry after 1 s) during the throttle "
+            "window, on top of the rate limits (default: 0)"
+        ),
+    )
+    faults.add_argument(
+        "--throttle-window",
+        type=float,
+        metavar="SECONDS",
+        help=(
+            "how long --throttle-rate lasts, counted from the first API request "
+            "(default: 30)"
+        ),
+    )
+    faults.add_argument(
+        "--expired-output-rate",
+        type=float,
+        metavar="SHARE",
+        help=(
+            "succeeded predictions whose output file has already expired (410) "
+            "when it is fetched (default: 0)"
+        ),
+    )
+    faults.add_argument(
+        "--create-delay",
+        type=_latency,
+        metavar="SECONDS|DIST",
+        help=(
+            "time a create waits before answering, after the prediction is made; "
+            "same syntax as --latency (default: 0)"
+        ),
+    )
+    faults.add_argument(
+        "--output-delay",
+        type=_latency,
+        metavar="SECONDS|DIST",
+        help=(
+            "time an output file download waits before answering; same syntax "
+            "as --latency (default: 0)"
         ),
     )
     faults.add_argument(
