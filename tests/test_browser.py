@@ -1,0 +1,175 @@
+"""The Prefect UI, in a real headless Chromium, shows what the design promises:
+every item's task runs by name, and a poll's retries in its state history.
+
+A job runs through the ``optimize-job`` deployment (``deployed`` registers the
+project's deployments and runs a worker), with a provider slow enough that the
+first poll of an item finds its prediction unfinished and retries. Chromium is
+Debian's ``/usr/bin/chromium``, driven by Playwright; Playwright's own browser
+download is not used. A browser that cannot start fails the test.
+
+The screenshots are kept under the session's temporary folder; the test prints
+where.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+from uuid import UUID
+
+import httpx
+import pytest
+from deploy_fixtures import Deployed, wait_for_flow_run_id
+from job_helpers import report, submit_job
+
+from imageopt.jobs import display_name
+from imageopt.samples import sample_paths
+from imageopt.services import wait_for_history
+
+if TYPE_CHECKING:
+    from playwright.sync_api import BrowserContext
+
+CHROMIUM = "/usr/bin/chromium"
+# Chromium's sandbox refuses to run as root; the machine has no GPU; and with
+# no network, nothing should try to reach one (QUIC, updates, sync).
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+# The UI fetches what it shows after the page has loaded.
+UI_TIMEOUT_MS = 30_000
+
+
+@contextlib.contextmanager
+def chromium(profile: Path) -> Iterator[BrowserContext]:
+    """A headless Chromium with a new, empty profile in ``profile``.
+
+    Started only once the Prefect work of a test is done: Playwright keeps an
+    event loop in this thread while it runs, and Prefect's sync calls would
+    take it for one they are inside.
+    """
+    from playwright.sync_api import Error, expect, sync_playwright
+
+    profile.mkdir(parents=True)
+    with sync_playwright() as playwright:
+        try:
+            context = playwright.chromium.launch_persistent_context(
+                profile,
+                executable_path=CHROMIUM,
+                args=CHROMIUM_ARGS,
+                headless=True,
+                viewport={"width": 1400, "height": 2000},
+            )
+        except Error as exc:
+            first = str(exc).strip().splitlines()[0]
+            pytest.fail(
+                f"Chromium at {CHROMIUM} could not be started ({first}): install "
+                "it with `apt-get install --no-install-recommends chromium`"
+            )
+        context.set_default_timeout(UI_TIMEOUT_MS)
+        expect.set_options(timeout=UI_TIMEOUT_MS)
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+@pytest.fixture
+def open_browser(tmp_path: Path) -> Iterator[Callable[[], BrowserContext]]:
+    """Start Chromium when called; it is closed after the test."""
+    with contextlib.ExitStack() as stack:
+        yield lambda: stack.enter_context(chromium(tmp_path / "chromium-profile"))
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ui-screenshots")
+
+
+def _run_through_deployment(deployed: Deployed, job_id: int) -> UUID:
+    """Start a flow run of the optimize-job deployment for the job; its id."""
+    deployment_id = deployed.deployment_id("optimize-job/optimize-job")
+    response = httpx.post(
+        f"{deployed.api_url}/deployments/{deployment_id}/create_flow_run",
+        json={"parameters": {"job_id": job_id}},
+        timeout=10,
+    )
+    response.raise_for_status()
+
+    return UUID(response.json()["id"])
+
+
+def _poll_that_retried_most(api_url: str, flow_run_id: UUID) -> dict:
+    response = httpx.post(
+        f"{api_url}/task_runs/filter",
+        json={
+            "flow_runs": {"id": {"any_": [str(flow_run_id)]}},
+            "task_runs": {"name": {"like_": "poll-prediction"}},
+        },
+        timeout=10,
+    )
+    response.raise_for_status()
+
+    return max(response.json(), key=lambda run: run["run_count"])
+
+
+def test_the_prefect_ui_shows_each_item_task_runs_and_a_poll_retrying(
+    deployed: Deployed, open_browser, screenshots: Path, capsys
+):
+    from playwright.sync_api import expect
+
+    job_id = submit_job(deployed.database, [str(p) for p in sample_paths()[:3]])
+    flow_run_id = _run_through_deployment(deployed, job_id)
+    run = wait_for_flow_run_id(deployed.api_url, str(flow_run_id))
+    # Task-run states reach the UI through events the server records later.
+    wait_for_history(flow_run_id)
+    items = report(deployed.database, job_id)["items"]
+    poll = _poll_that_retried_most(deployed.api_url, flow_run_id)
+    assert run["state"]["type"] == "COMPLETED", deployed.worker_output()
+    assert [item["status"] for item in items] == ["COMPLETED"] * 3
+    assert poll["run_count"] >= 2, (
+        "no poll retried: the provider's latency should leave the first poll of "
+        "an item unfinished"
+    )
+    ui = deployed.api_url.removesuffix("/api")
+    browser = open_browser()
+    page = browser.new_page()
+
+    page.goto(f"{ui}/runs/flow-run/{flow_run_id}")
+    expect(page.get_by_text(f"job-{job_id}").first).to_be_visible()
+    page.locator("[role=tablist]").get_by_text("Task Runs", exact=True).click()
+    for item in items:
+        for stage in ("create-prediction", "poll-prediction"):
+            name = f"{stage} {item['id']} {display_name(item['source'])}"
+            expect(page.get_by_role("link", name=name, exact=True)).to_be_visible()
+    page.screenshot(path=screenshots / "1-flow-run-task-runs.png", full_page=True)
+
+    page.get_by_role("link", name=poll["name"], exact=True).click()
+    page.wait_for_url(f"**/runs/task-run/{poll['id']}**")
+    run_count = (
+        page.locator(".p-key-value")
+        .filter(has=page.get_by_text("Run Count", exact=True))
+        .locator(".p-key-value__value")
+        .first
+    )
+    expect(run_count).to_have_text(str(poll["run_count"]))
+    page.screenshot(path=screenshots / "2-poll-task-run.png", full_page=True)
+
+    # The task run's state history, as the UI's event feed shows it.
+    page.goto(f"{ui}/events?resource=prefect.task-run.{poll['id']}")
+    retries = page.get_by_text("prefect.task-run.Retrying", exact=True)
+    awaiting = page.get_by_text("prefect.task-run.AwaitingRetry", exact=True)
+    expect(page.get_by_text("prefect.task-run.Completed", exact=True)).to_be_visible()
+    expect(retries).to_have_count(poll["run_count"] - 1)
+    expect(awaiting).to_have_count(poll["run_count"] - 1)
+    page.screenshot(path=screenshots / "3-poll-state-history.png", full_page=True)
+    with capsys.disabled():
+        print(f"\nscreenshots of the Prefect UI: {screenshots}")
