@@ -14,6 +14,7 @@ import contextlib
 import getpass
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
 import psycopg
@@ -48,9 +49,12 @@ class ChildProcess:
         argv: list[str],
         env: dict[str, str],
         log_path: Path | None = None,
+        *,
+        stop_signal: int = signal.SIGTERM,
     ) -> None:
         self.name = name
         self.log_path = log_path
+        self.stop_signal = stop_signal
         self.process = subprocess.Popen(
             argv,
             env=env,
@@ -102,7 +106,7 @@ class ChildProcess:
     def stop(self, timeout: float = 20.0) -> None:
         if self.process.poll() is not None:
             return
-        self.process.terminate()
+        self.process.send_signal(self.stop_signal)
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -172,8 +176,11 @@ def asyncpg_url(conninfo: str, dbname: str) -> str:
     return f"postgresql+asyncpg://{credentials}@{netloc}/{dbname}"
 
 
-def ensure_database(conninfo: str, dbname: str) -> None:
-    """Create ``dbname`` on the server ``conninfo`` points at, if missing."""
+def ensure_database(conninfo: str, dbname: str) -> bool:
+    """Create ``dbname`` on the server ``conninfo`` points at, if missing.
+
+    Returns whether it was created.
+    """
     with psycopg.connect(conninfo, autocommit=True) as conn:
         exists = conn.execute(
             "SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)
@@ -181,9 +188,215 @@ def ensure_database(conninfo: str, dbname: str) -> None:
         if not exists:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
 
+    return not exists
 
-class PrefectServerProcess(ChildProcess):
-    """A Prefect server on PostgreSQL, on a free loopback port."""
+
+# Where the Prefect server's message broker lives unless IMAGEOPT_REDIS_URL
+# says otherwise.
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
+
+# The key that marks a Redis database as the broker of one Prefect database.
+BROKER_OWNER_KEY = "imageopt:prefect-database"
+
+# Prefect's modules for a Redis broker (the prefect-redis package): events,
+# their de-duplication, their causal ordering for triggers, and the leases of
+# concurrency slots, all shared by the API and services processes.
+_REDIS_MODULES = {
+    "PREFECT_MESSAGING_BROKER": "prefect_redis.messaging",
+    "PREFECT_MESSAGING_CACHE": "prefect_redis.messaging",
+    "PREFECT_SERVER_EVENTS_CAUSAL_ORDERING": "prefect_redis.ordering",
+    "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect_redis.lease_storage",
+}
+
+# What the server does for every task-run state, tuned. A task-run state
+# reaches the server as an event; the services record it as a task-run state
+# (the task-run recorder), store the event itself (the event persister, for
+# the UI's event feed) and match it against automations (triggers). Profiled
+# with py-spy while a job ran, Prefect's defaults spent most of the server's
+# CPU on one database transaction per event in the recorder, each statement
+# compiled anew by SQLAlchemy, because it reads and writes one event at a
+# time. Batches make that cost per batch. A batch is written once full or
+# after FLUSH_INTERVAL seconds; the recorder and the persister acknowledge an
+# event to the broker when they take it into a batch, so a services process
+# that is killed (not stopped) loses the batch it holds. Stopped, it writes it.
+_BATCH = "100"
+_FLUSH_INTERVAL = "1"
+SERVICE_SETTINGS = {
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE": _BATCH,
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": _BATCH,
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": _FLUSH_INTERVAL,
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_READ_BATCH_SIZE": _BATCH,
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": _BATCH,
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": _FLUSH_INTERVAL,
+    "PREFECT_SERVER_SERVICES_TRIGGERS_READ_BATCH_SIZE": _BATCH,
+}
+
+
+class RedisBroker:
+    """A Redis database that carries one Prefect server's events.
+
+    Every Prefect server imageopt starts gets a database number of its own
+    (prefect-redis has no key prefix), so that parallel tests and benchmarks
+    never read each other's streams. The database is marked with the Prefect
+    database it serves (``BROKER_OWNER_KEY``): a server started again on the
+    same Prefect database finds its broker, and the events it had not recorded
+    yet, where it left them. A database whose Prefect database no longer
+    exists on the same PostgreSQL is emptied and taken over.
+    """
+
+    def __init__(self, url: str, db: int) -> None:
+        self.url = url
+        self.db = db
+
+    def __str__(self) -> str:
+        # The URL may carry a password: name the server and database only.
+        parts = urlsplit(self.url)
+        return f"redis://{parts.hostname}:{parts.port or 6379}/{self.db}"
+
+    def env(self) -> dict[str, str]:
+        """Prefect's settings for a server that uses this broker."""
+        parts = urlsplit(self.url)
+        url = urlunsplit((parts.scheme, parts.netloc, f"/{self.db}", "", ""))
+        return {**_REDIS_MODULES, "PREFECT_REDIS_MESSAGING_URL": url}
+
+    @classmethod
+    def claim(cls, url: str, owner: str, admin: str) -> RedisBroker | None:
+        """The database for ``owner``'s server; None when Redis does not answer.
+
+        ``admin`` is a connection to the PostgreSQL holding the Prefect
+        databases, used to tell a stale broker from one in use.
+        """
+        import redis
+
+        parts = urlsplit(url)
+        explicit = parts.path.strip("/")
+        try:
+            client = redis.Redis.from_url(url, socket_connect_timeout=3)
+            client.ping()
+            databases = _database_count(client)
+        except redis.RedisError as exc:
+            logger.warning(
+                "Redis at %s:%s does not answer (%s)",
+                parts.hostname,
+                parts.port or 6379,
+                type(exc).__name__,
+            )
+            return None
+
+        candidates = [int(explicit)] if explicit else range(1, databases)
+        # Our own broker first: a restarted server continues where it stopped.
+        for db in candidates:
+            with redis.Redis.from_url(url, db=db) as client:
+                if client.get(BROKER_OWNER_KEY) == owner.encode():
+                    return cls(url, db)
+        for db in candidates:
+            with redis.Redis.from_url(url, db=db) as client:
+                if _take(client, owner, admin):
+                    return cls(url, db)
+
+        msg = (
+            f"no free Redis database for the Prefect server's broker among "
+            f"{len(candidates)} at {parts.hostname}:{parts.port or 6379}: each "
+            f"holds another server's events; stop those servers or name a free "
+            f"database in IMAGEOPT_REDIS_URL (redis://host:port/N)"
+        )
+        raise ConfigurationError(msg)
+
+    def forget(self) -> None:
+        """Drop the events it holds, for a Prefect database that starts empty."""
+        import redis
+
+        with redis.Redis.from_url(self.url, db=self.db) as client:
+            owner = client.get(BROKER_OWNER_KEY)
+            client.flushdb()
+            if owner is not None:
+                client.set(BROKER_OWNER_KEY, owner)
+
+
+def _database_count(client) -> int:
+    import redis
+
+    try:
+        return int(client.config_get("databases")["databases"])
+    except (redis.RedisError, KeyError, ValueError):
+        # Managed Redis services often refuse CONFIG; 16 is Redis's default.
+        return 16
+
+
+def _take(client, owner: str, admin: str) -> bool:
+    """Mark this Redis database as ``owner``'s broker if it is free or stale."""
+    import redis
+
+    if client.set(BROKER_OWNER_KEY, owner, nx=True):
+        if client.dbsize() == 1:
+            return True
+        # Keys without our mark: someone else's data; leave it alone.
+        client.delete(BROKER_OWNER_KEY)
+        return False
+
+    with client.pipeline() as pipe:
+        try:
+            pipe.watch(BROKER_OWNER_KEY)
+            current = pipe.get(BROKER_OWNER_KEY)
+            if current is None or _prefect_database_exists(current.decode(), admin):
+                return False
+            pipe.multi()
+            pipe.flushdb()
+            pipe.set(BROKER_OWNER_KEY, owner)
+            pipe.execute()
+        except redis.WatchError:
+            # Another server took it first.
+            return False
+
+    return True
+
+
+def _broker_owner(conninfo: str, dbname: str) -> str:
+    """The name a broker is marked with: the Prefect database and its server."""
+    params = conninfo_to_dict(conninfo)
+    host = params.get("host") or "/var/run/postgresql"
+    return f"{host}:{params.get('port') or 5432}/{dbname}"
+
+
+def _prefect_database_exists(owner: str, admin: str) -> bool:
+    """Whether the Prefect database a broker is marked with is still there.
+
+    Only a database on the same PostgreSQL as ``admin`` can be checked; one
+    elsewhere is taken to exist.
+    """
+    where, _, dbname = owner.rpartition("/")
+    if _broker_owner(admin, "") != f"{where}/":
+        return True
+    with psycopg.connect(admin, autocommit=True) as conn:
+        found = conn.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)
+        ).fetchone()
+
+    return found is not None
+
+
+class PrefectServerProcess:
+    """A Prefect server on PostgreSQL, on a free loopback port.
+
+    One Prefect server process records about 40 task-run states a second on
+    two cores, whatever the flow achieves, and an in-memory broker loses every
+    event it has not recorded when it stops. So, when Redis answers, the
+    server runs split, as Prefect runs in production:
+
+    - the API: ``prefect server start --no-services`` (``api_workers`` worker
+      processes), which takes the events in and publishes them to Redis;
+    - the services: ``prefect server services start``, which record them;
+    - the broker: Redis streams (prefect-redis), in a database of the
+      server's own (:class:`RedisBroker`). An event waits there until a
+      service has taken it, through a restart of either process.
+
+    Without Redis it runs as one process with Prefect's in-memory broker, and
+    says so. ``split=False`` asks for that layout; ``tuned=False`` leaves out
+    ``SERVICE_SETTINGS``, for comparisons with Prefect's defaults.
+
+    ``stop()`` and ``start()`` restart it on the same port, database and
+    broker.
+    """
 
     def __init__(
         self,
@@ -193,47 +406,144 @@ class PrefectServerProcess(ChildProcess):
         home: Path,
         extra_env: dict[str, str] | None = None,
         timeout: float = 180.0,
+        split: bool = True,
+        api_workers: int = 1,
+        tuned: bool = True,
+        redis_url: str | None = None,
     ) -> None:
-        ensure_database(conninfo, dbname)
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}/api"
-        env = {
+        created = ensure_database(conninfo, dbname)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.api_workers = api_workers
+        self._timeout = timeout
+        self.broker: RedisBroker | None = None
+        if split:
+            url = redis_url or os.environ.get("IMAGEOPT_REDIS_URL", DEFAULT_REDIS_URL)
+            self.broker = RedisBroker.claim(
+                url, _broker_owner(conninfo, dbname), conninfo
+            )
+            if self.broker is None:
+                logger.warning(
+                    "running the Prefect server as one process with an in-memory "
+                    "broker: history it has not recorded is lost if it stops"
+                )
+            elif created:
+                self.broker.forget()
+        self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
             "PREFECT_HOME": str(home),
             "PREFECT_API_DATABASE_CONNECTION_URL": asyncpg_url(conninfo, dbname),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            # Output lines as they come: start() waits for one of them.
+            "PYTHONUNBUFFERED": "1",
             # The UI the server serves calls the API at this URL; left unset it
             # would be derived from the default port, 4200, not this one.
             "PREFECT_UI_API_URL": self.url,
+            **(SERVICE_SETTINGS if tuned else {}),
+            **(self.broker.env() if self.broker else {}),
             **(extra_env or {}),
         }
+        self.api: ChildProcess | None = None
+        self.services: ChildProcess | None = None
+        self.start()
+
+    @property
+    def split(self) -> bool:
+        return self.broker is not None
+
+    @property
+    def process(self) -> subprocess.Popen:
+        """The API's process (the only one when not split)."""
+        assert self.api is not None, "the Prefect server is stopped"
+        return self.api.process
+
+    def start(self) -> None:
+        """Start the API, wait until it answers, then start the services."""
         argv = [
-            sys.executable,
-            "-m",
-            "prefect",
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
+            *("-m", "prefect", "server", "start"),
+            *("--host", "127.0.0.1", "--port", str(self.port)),
         ]
-        logger.info("starting a Prefect server at %s", self.url)
-        super().__init__("the Prefect server", argv, env)
-        self._wait_until_healthy(timeout)
+        if self.split:
+            argv += ["--no-services", "--workers", str(self.api_workers)]
+            logger.info(
+                "starting a Prefect server at %s: API and services apart, broker %s",
+                self.url,
+                self.broker,
+            )
+        else:
+            logger.info("starting a Prefect server at %s", self.url)
+        self.api = ChildProcess("the Prefect server", [sys.executable, *argv], self.env)
+        self._wait_until_healthy(self._timeout)
+        if self.split:
+            # SIGINT: the services write the batches they hold, then exit.
+            self.services = ChildProcess(
+                "the Prefect server's services",
+                [sys.executable, "-m", "prefect", "server", "services", "start"],
+                self.env,
+                stop_signal=signal.SIGINT,
+            )
+            self.services.wait_for_line("Starting services", self._timeout)
+
+    def stop(self) -> None:
+        """Stop the API first, so that the events it holds reach the broker."""
+        for child in (self.api, self.services):
+            if child is not None:
+                child.stop()
+        self.api = self.services = None
+
+    def pids(self) -> list[int]:
+        """Every process of the server: API, its workers, services."""
+        roots = [c.process.pid for c in (self.api, self.services) if c is not None]
+
+        return [pid for root in roots for pid in [root, *_descendants(root)]]
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user and system) of every process of the server so far."""
+        return sum(_cpu_seconds(pid) for pid in self.pids())
 
     def _wait_until_healthy(self, timeout: float) -> None:
+        assert self.api is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self._fail("exited")
+            if self.api.process.poll() is not None:
+                self.api._fail("exited")
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
-        self._fail(f"did not answer within {timeout:.0f} s")
+        self.api._fail(f"did not answer within {timeout:.0f} s")
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a live process, from ``/proc``; 0 if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    # After the command name in parentheses, utime and stime are the 12th and
+    # 13th fields (proc(5) numbers them 14 and 15 from the start).
+    fields = stat.rsplit(")", 1)[1].split()
+
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def _descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    parents = [pid]
+    while parents:
+        parent = parents.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            with contextlib.suppress(OSError, ValueError):
+                children = [int(c) for c in (task / "children").read_text().split()]
+                found += children
+                parents += children
+
+    return found
 
 
 def flush_to_prefect(timeout: float = 30.0) -> None:
