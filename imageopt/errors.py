@@ -5,6 +5,7 @@ into these once, where imageopt meets them, so callers handle one vocabulary::
 
     ImageoptError
     ├── ConfigurationError          the machine or the settings cannot work as given
+    ├── DatabaseUnavailableError    PostgreSQL stayed unreachable past the outage budget
     ├── InvalidRequestError         a user asked for something that cannot be done
     │   └── NotFoundError           an unknown store, job or item
     ├── SchemaError                 the database schema does not fit this code
@@ -34,6 +35,14 @@ class ImageoptError(Exception):
 
 class ConfigurationError(ImageoptError):
     """The settings or the machine do not allow what was asked."""
+
+
+class DatabaseUnavailableError(ImageoptError):
+    """PostgreSQL could not be reached for longer than work waits for it.
+
+    Short outages (a restart, a dropped connection) are ridden out where the
+    work is safe to repeat; this says the outage lasted longer than that.
+    """
 
 
 class InvalidRequestError(ImageoptError, ValueError):

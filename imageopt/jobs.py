@@ -19,7 +19,12 @@ import psycopg
 from PIL import Image, UnidentifiedImageError
 
 from imageopt.errors import InvalidRequestError, NotFoundError
-from imageopt.optimizer import OptimizeOptions
+from imageopt.optimizer import (
+    READABLE,
+    READABLE_NAMES,
+    OptimizeOptions,
+    describe_start,
+)
 from imageopt.records import create_job, ensure_store, transition
 from imageopt.schema import SchemaState
 from imageopt.status import ItemStatus, logical_status
@@ -125,14 +130,27 @@ def local_file_problem(path: Path, max_bytes: int) -> str | None:
             "send a smaller file"
         )
     try:
-        with Image.open(path) as image:
+        # The formats the optimizer reads, so that what passes here is what
+        # the provider's optimizer can open.
+        with Image.open(path, formats=READABLE) as image:
             image.size  # noqa: B018 - reading the header is the check
     except UnidentifiedImageError:
-        return f"{path.name} is not an image any decoder here can read"
+        return (
+            f"{path.name} is not an image imageopt can read "
+            f"({_describe_file_start(path)}): upload a {READABLE_NAMES} file"
+        )
     except (OSError, Image.DecompressionBombError) as exc:
         return f"{path.name} cannot be read as an image: {exc}"
 
     return None
+
+
+def _describe_file_start(path: Path) -> str:
+    try:
+        with path.open("rb") as file:
+            return describe_start(file.read(512))
+    except OSError as exc:
+        return f"cannot read it: {exc.strerror}"
 
 
 def submit(
@@ -185,7 +203,7 @@ def load_job(conn: psycopg.Connection, job_id: int) -> Job:
         (job_id,),
     ).fetchone()
     if row is None:
-        msg = f"there is no job {job_id}: `imageopt status` lists what exists"
+        msg = f"there is no job {job_id}: check the number `imageopt submit` printed"
         raise NotFoundError(msg)
 
     return Job(*row)

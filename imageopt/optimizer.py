@@ -41,8 +41,8 @@ DEFAULT_MAX_BYTES = 50 * 1024 * 1024
 # Only the formats a product image arrives in. Leaving the rest out of
 # Image.open keeps Pillow's rarer parsers (and EPS, which runs Ghostscript)
 # away from uploaded bytes.
-_READABLE = ("JPEG", "PNG", "WEBP", "AVIF", "GIF", "BMP", "TIFF")
-_READABLE_NAMES = "JPEG, PNG, WebP, AVIF, GIF, BMP or TIFF"
+READABLE = ("JPEG", "PNG", "WEBP", "AVIF", "GIF", "BMP", "TIFF")
+READABLE_NAMES = "JPEG, PNG, WebP, AVIF, GIF, BMP or TIFF"
 
 # What Pillow raises for a file that starts like an image and then breaks:
 # OSError for truncation and decoder errors, SyntaxError for PNG chunk and
@@ -209,11 +209,11 @@ def _check_size(data: bytes, max_bytes: int) -> None:
 def _decode(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
     """The upright, fully decoded image and the input's format, lowercase."""
     try:
-        image = Image.open(io.BytesIO(data), formats=_READABLE)
+        image = Image.open(io.BytesIO(data), formats=READABLE)
     except UnidentifiedImageError as exc:
         msg = (
-            f"the data is not an image imageopt can read ({_describe_start(data)}): "
-            f"upload a {_READABLE_NAMES} file"
+            f"the data is not an image imageopt can read ({describe_start(data)}): "
+            f"upload a {READABLE_NAMES} file"
         )
         raise ImageError(msg) from exc
     except Image.DecompressionBombError as exc:
@@ -270,7 +270,7 @@ def _broken_message(exc: BaseException) -> str:
     )
 
 
-def _describe_start(data: bytes) -> str:
+def describe_start(data: bytes) -> str:
     """A guess at what the bytes are, for a message about a non-image."""
     start = data[:512].lstrip().lower()
     if start.startswith(b"<!doctype html") or b"<html" in start:

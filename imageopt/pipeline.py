@@ -125,8 +125,38 @@ class Outcome:
 def _move(
     rt: Runtime, item_id: int, target: ItemStatus, reason: str, **fields: Any
 ) -> None:
-    with rt.db.connection() as conn:
+    """Write the item's transition, riding out a lost database connection.
+
+    A transition whose answer was lost may have committed; before writing it
+    again, its history row is looked for, so that it is neither lost nor
+    refused as illegal the second time.
+    """
+
+    def write(conn, again: bool) -> None:
+        if again and _written(conn, item_id, reason):
+            return
         transition(conn, rt.schema.state, item_id, target, reason=reason, **fields)
+
+    rt.db.retrying(f"item {item_id}: the change to {target}", write)
+
+
+def _written(conn, item_id: int, reason: str) -> bool:
+    """Whether the item's latest history row is this very transition."""
+    row = conn.execute(
+        "SELECT reason FROM item_history WHERE item_id = %s"
+        " ORDER BY at DESC, id DESC LIMIT 1",
+        (item_id,),
+    ).fetchone()
+    # Two transitions in a row never share a reason, since they never share
+    # a target. On an old schema transition() appends to the reason how the
+    # target was stored, so its start is what identifies it.
+    return row is not None and (row[0] or "").startswith(reason)
+
+
+def _read_item(rt: Runtime, item_id: int) -> Item:
+    return rt.db.retrying(
+        f"item {item_id}: reading it", lambda conn, _: get_item(conn, item_id)
+    )
 
 
 def fail(rt: Runtime, item_id: int, reason: str) -> Outcome:
@@ -204,10 +234,16 @@ def _claim_and_create(rt: Runtime, item: Item) -> str | None:
     try:
         prediction = _create_once(rt, item, prediction_input)
     except RejectedError as exc:
-        fail(rt, item.id, f"the provider refused the prediction: {exc}")
+        fail(
+            rt, item.id, f"{item.filename}: the provider refused the prediction: {exc}"
+        )
         return None
     except ProviderUnavailableError as exc:
-        fail(rt, item.id, f"the provider could not be reached: {exc}; resubmit")
+        fail(
+            rt,
+            item.id,
+            f"{item.filename}: the provider could not be reached: {exc}; resubmit",
+        )
         return None
 
     return record_prediction(rt, item, prediction)
@@ -277,19 +313,29 @@ def _create_once(rt: Runtime, item: Item, prediction_input: dict) -> Prediction:
 
 
 def reconcile(
-    rt: Runtime, item: Item, prediction_input: dict, *, since: datetime | None
+    rt: Runtime,
+    item: Item,
+    prediction_input: dict,
+    *,
+    since: datetime | None,
+    attempts: int = RECONCILE_ATTEMPTS,
 ) -> Prediction | None:
-    """Find the prediction a lost create may have made for this item."""
-    with rt.db.connection() as conn:
-        taken = {
-            pid
-            for (pid,) in conn.execute(
-                "SELECT prediction_id FROM items WHERE job_id = %s"
-                " AND prediction_id IS NOT NULL AND id <> %s",
-                (item.job_id, item.id),
-            ).fetchall()
-        }
-    for attempt in range(RECONCILE_ATTEMPTS):
+    """Find the prediction a lost create may have made for this item.
+
+    ``attempts`` looks, RECONCILE_PAUSE apart, give a create whose answer was
+    just lost time to show up in the provider's list.
+    """
+
+    def read_taken(conn, _again: bool) -> set[str]:
+        rows = conn.execute(
+            "SELECT prediction_id FROM items WHERE job_id = %s"
+            " AND prediction_id IS NOT NULL AND id <> %s",
+            (item.job_id, item.id),
+        ).fetchall()
+        return {pid for (pid,) in rows}
+
+    taken = rt.db.retrying(f"item {item.id}: reading predictions taken", read_taken)
+    for attempt in range(attempts):
         if attempt:
             time.sleep(RECONCILE_PAUSE)
         rt.admission.admit_read(rt.job.store_id)
@@ -316,7 +362,9 @@ def resume_claimed(rt: Runtime, item: Item, claimed_at: datetime | None) -> str 
         fail(rt, item.id, str(exc))
         return None
 
-    found = reconcile(rt, item, prediction_input, since=claimed_at)
+    # The dead run sent its last create before it died, seconds ago at least:
+    # one look is enough, where a lost answer a moment ago needs a few.
+    found = reconcile(rt, item, prediction_input, since=claimed_at, attempts=1)
     if found is not None:
         return record_prediction(rt, item, found)
 
@@ -338,8 +386,7 @@ def poll_prediction(rt: Runtime, item_id: int, prediction_id: str) -> Outcome:
     Raises :class:`PredictionPendingError` when it has not ended, so that the
     caller polls again later.
     """
-    with rt.db.connection() as conn:
-        item = get_item(conn, item_id)
+    item = _read_item(rt, item_id)
     if item.status.is_final:
         rt.admission.release(item_id)
         return Outcome(item_id, item.status, "ended elsewhere")
@@ -347,11 +394,18 @@ def poll_prediction(rt: Runtime, item_id: int, prediction_id: str) -> Outcome:
     rt.admission.admit_read(rt.job.store_id)
     try:
         prediction = rt.provider.get(prediction_id)
+    except ThrottledError as exc:
+        # The client waited out a few 429s already; slow every poller down
+        # and let the caller poll again later, as for an outage.
+        rt.admission.throttled("read", exc.retry_after)
+        msg = f"item {item_id}: polling prediction {prediction_id} was throttled"
+        raise ProviderUnavailableError(msg) from exc
     except PredictionNotFoundError:
         outcome = fail(
             rt,
             item_id,
-            f"the provider no longer knows prediction {prediction_id}; resubmit",
+            f"{item.filename}: the provider no longer knows prediction "
+            f"{prediction_id}; resubmit",
         )
     else:
         if not prediction.is_terminal:
@@ -369,33 +423,65 @@ def finish(rt: Runtime, item: Item, prediction: Prediction) -> Outcome:
     if status is PredictionStatus.SUCCEEDED:
         return store_output(rt, item, prediction)
     if status is PredictionStatus.CANCELED:
-        reason = (
-            f"prediction {prediction.id} was canceled at the provider (its "
-            f"deadline of {rt.settings.prediction_deadline} passed, or it was "
-            "canceled there)"
+        if _job_canceled(rt):
+            reason = f"prediction {prediction.id} was canceled with job {rt.job.id}"
+            _move(rt, item.id, ItemStatus.CANCELED, reason, error=reason)
+            return Outcome(item.id, ItemStatus.CANCELED, reason)
+        # Nobody here asked for it: the item failed, and is not created again,
+        # since a second prediction would be paid for and may hang the same way.
+        return fail(
+            rt,
+            item.id,
+            f"{item.filename}: prediction {prediction.id} was canceled by the "
+            "provider before it finished: it ran past its deadline of "
+            f"{rt.settings.prediction_deadline} (Cancel-After) or was canceled "
+            "there; resubmit the image",
         )
-        _move(rt, item.id, ItemStatus.CANCELED, reason, error=reason)
-        return Outcome(item.id, ItemStatus.CANCELED, reason)
 
     detail = (prediction.error or "no reason given").strip()
-    return fail(rt, item.id, f"prediction {prediction.id} {status}: {detail}")
+    return fail(
+        rt, item.id, f"{item.filename}: prediction {prediction.id} {status}: {detail}"
+    )
+
+
+def _job_canceled(rt: Runtime) -> bool:
+    """Whether someone canceled the job (its status says so before any item)."""
+    canceled = rt.schema.state.stored_job_status(JobStatus.CANCELED)
+
+    def read(conn, _again: bool) -> bool:
+        row = conn.execute(
+            "SELECT status::text FROM jobs WHERE id = %s", (rt.job.id,)
+        ).fetchone()
+        return row is not None and row[0] == canceled
+
+    return rt.db.retrying(f"job {rt.job.id}: reading its status", read)
 
 
 def store_output(rt: Runtime, item: Item, prediction: Prediction) -> Outcome:
     url, details = _output_of(prediction)
     if url is None:
         return fail(
-            rt, item.id, f"prediction {prediction.id} succeeded without an output URL"
+            rt,
+            item.id,
+            f"{item.filename}: prediction {prediction.id} succeeded without an "
+            "output URL",
         )
 
     try:
         data = rt.provider.download(url)
+    except (ThrottledError, ProviderUnavailableError) as exc:
+        # Still there, most likely: poll again and copy it then.
+        msg = (
+            f"item {item.id}: the output of prediction {prediction.id} could not "
+            f"be copied for now ({exc})"
+        )
+        raise ProviderUnavailableError(msg) from exc
     except ProviderError as exc:
         return fail(
             rt,
             item.id,
-            f"the output of prediction {prediction.id} could not be copied "
-            f"({exc}); it may have expired: resubmit the image",
+            f"{item.filename}: the output of prediction {prediction.id} could not "
+            f"be copied ({exc}); it may have expired: resubmit the image",
         )
 
     fmt = details.get("format") or _format_from_url(url)
@@ -446,12 +532,14 @@ def give_up(rt: Runtime, item: Item, prediction_id: str, why: str) -> Outcome:
     """Stop waiting for a prediction: cancel it and fail the item."""
     _cancel_quietly(rt, prediction_id)
     rt.admission.release(item.id)
-    reason = f"prediction {prediction_id} was canceled: {why}; resubmit the image"
+    reason = (
+        f"{item.filename}: prediction {prediction_id} was canceled: {why}; "
+        "resubmit the image"
+    )
     try:
         return fail(rt, item.id, reason)
     except IllegalTransitionError:
-        with rt.db.connection() as conn:
-            current = get_item(conn, item.id)
+        current = _read_item(rt, item.id)
         return Outcome(item.id, current.status, "ended elsewhere")
 
 

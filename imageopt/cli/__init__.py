@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from imageopt.errors import ImageoptError
 
@@ -20,10 +21,17 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """Refuses bad arguments in one line, like every other refusal here."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from imageopt.cli import admission, database, jobs, provider
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="imageopt",
         description="Optimize product images through a prediction API.",
     )

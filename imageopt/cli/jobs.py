@@ -14,7 +14,14 @@ from pydantic import ValidationError
 from imageopt.cli import EXIT_FAILED, EXIT_OK
 from imageopt.db import Database, database_url
 from imageopt.errors import InvalidRequestError
-from imageopt.jobs import dumps, expand_sources, job_report, status_counts, submit
+from imageopt.jobs import (
+    dumps,
+    expand_sources,
+    job_report,
+    load_job,
+    status_counts,
+    submit,
+)
 from imageopt.optimizer import FORMATS, OptimizeOptions
 from imageopt.schema import SchemaCheck
 from imageopt.services import wait_for_history
@@ -166,6 +173,8 @@ def run_here(job_id: int, output: str | None) -> int:
     """Run the job's flow in this process; exit code 0 once every item ended."""
     settings = get_settings()
     url = database_url(settings)
+    with Database(url, max_size=1) as db, db.connection() as conn:
+        load_job(conn, job_id)  # an unknown job is refused before anything starts
     with _local_services(url, settings.home), _environ(IMAGEOPT_DATABASE_URL=url):
         from flows.optimize_job import optimize_job
 
@@ -284,7 +293,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _cancel(args: argparse.Namespace) -> int:
-    from imageopt.jobs import load_job
     from imageopt.pipeline import cancel_job
     from imageopt.provider import ProviderClient
 
