@@ -310,6 +310,13 @@ def job_lock(conninfo: str, job_id: int, on_wait: Callable[[], None]) -> Iterato
     A second run of the same job waits here (calling ``on_wait`` first) until
     the first ends; if the first run's process dies, PostgreSQL drops its
     connection and with it the lock, so a restarted run takes over at once.
+
+    Known gap: when that connection is lost while the run goes on (PostgreSQL
+    restarted, the backend terminated), the lock goes with it unnoticed, and a
+    second run started meanwhile would not wait. Claims stay single (each is a
+    checked transition), but the second run could settle an item the first is
+    still creating and create it again. Taking the lock again once the
+    database is back would close the gap.
     """
     with psycopg.connect(conninfo, autocommit=True) as conn:
         key = (_JOB_LOCK_CLASS, job_id % 2**31)
