@@ -36,11 +36,13 @@ To see where the time goes, set ``IMAGEOPT_BENCH_PROFILE`` to a folder: the
 first round's flow process and each process of the Prefect server are then
 sampled by py-spy (``pip install py-spy``; ptrace rights needed) into
 ``flow.txt`` and ``server-PID.txt`` there, in py-spy's raw format (one
-collapsed stack a line with its sample count);
+collapsed stack a line with its sample count). Only the thread holding the
+GIL is sampled (``--gil``), so the samples show where CPU time goes, not
+where threads wait; the process's CPU share says how busy it was.
 ``python -m bench.profiles FOLDER`` summarises them.
 
     python -m bench ceiling          # 1,000 items a side, 2 rounds
-    python -m bench ceiling --quick  # 150 items a side, 1 round
+    python -m bench ceiling --quick  # 100 items a side, 1 round
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ from bench.harness import (
 )
 
 ITEMS = 1_000
-QUICK_ITEMS = 150
+QUICK_ITEMS = 100
 ROUNDS = 2
 LATENCY = "0.5"
 CONCURRENCY = 100
@@ -181,6 +183,7 @@ def _profiling(folder: Path | None, **pids: int) -> Iterator[None]:
                 "--rate",
                 "50",
                 "--nonblocking",
+                "--gil",
                 "--output",
                 str(folder / f"{name}.txt"),
             ],

@@ -8,7 +8,9 @@ Reproduce from the repository root, in the project's virtualenv::
 Each format runs at quality 80 with no size bounds, over the samples in
 ``imageopt/samples``. An image the format refuses (JPEG for a transparent
 image) is left out of that format's totals and named under ``skipped``.
-``encode_ms_mean`` is ``OptimizeResult.encode_ms`` (decode, transform and
+``bytes_saved`` is ``bytes_in - bytes_out`` over those images, and
+``saved_percent`` its share of ``bytes_in``. ``encode_ms_mean``, the time per
+image, is ``OptimizeResult.encode_ms`` (decode, transform and
 encode) averaged over images and rounds, after one untimed warm-up encode per
 format so library start-up is not counted. ``kept_input`` counts the images
 no encoding beat, returned as they were.
@@ -71,6 +73,7 @@ def _bench_format(fmt: str, images: dict[str, bytes], rounds: int) -> dict:
         "kept_input": kept_input,
         "bytes_in": bytes_in,
         "bytes_out": bytes_out,
+        "bytes_saved": bytes_in - bytes_out,
         "saved_percent": round(saved, 1),
         "encode_ms_mean": round(statistics.fmean(encode_ms), 1) if encode_ms else None,
     }

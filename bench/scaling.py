@@ -22,10 +22,12 @@ each with its own database and provider. Per size, a line with:
 Flat per-item cost and bounded memory and threads are the point.
 
     python -m bench scaling          # 100, 1,000 and 10,000 items (~20 min)
-    python -m bench scaling --quick  # 50 and 200
+    python -m bench scaling --quick  # 25 and 100
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 from bench.harness import (
     NO_ADMISSION_LIMITS,
@@ -38,12 +40,12 @@ from bench.harness import (
 )
 
 SIZES = (100, 1_000, 10_000)
-QUICK_SIZES = (50, 200)
+QUICK_SIZES = (25, 100)
 PROVIDER = ("--create-limit", "0", "--read-limit", "0")
 
 
-def run(quick: bool = False) -> list[dict]:
-    results = []
+def run(quick: bool = False) -> Iterator[dict]:
+    """A line per size, each as soon as it is measured: the largest takes long."""
     with prefect_server() as server:
         for size in QUICK_SIZES if quick else SIZES:
             with environment(*PROVIDER, server=server) as env:
@@ -57,22 +59,17 @@ def run(quick: bool = False) -> list[dict]:
                 run.check(f"the {size}-item job")
                 stats = env.provider.stats()
                 times = item_times(env.conninfo, [job_id])
-            results.append(
-                {
-                    "bench": "scaling",
-                    "items": size,
-                    "completed": len(times.completions),
-                    "seconds_per_item": round(times.span / size, 4),
-                    "history_lag_seconds": round(
-                        run.ended_at - times.last_completion, 1
-                    ),
-                    "seconds": round(run.seconds, 1),
-                    "flow_cpu_ms_per_item": round(1000 * run.cpu_seconds / size, 1),
-                    "server_cpu_ms_per_item": round(1000 * server_cpu / size, 1),
-                    "peak_rss_mb": run.peak_rss_mb,
-                    "peak_threads": run.peak_threads,
-                    "creates": stats["creates"],
-                }
-            )
-
-    return results
+            yield {
+                "bench": "scaling",
+                "items": size,
+                "completed": len(times.completions),
+                "seconds_per_item": round(times.span / size, 4),
+                "history_lag_seconds": round(run.ended_at - times.last_completion, 1),
+                "seconds": round(run.seconds, 1),
+                "flow_cpu_ms_per_item": round(1000 * run.cpu_seconds / size, 1),
+                "server_cpu_ms_per_item": round(1000 * server_cpu / size, 1),
+                "peak_rss_mb": run.peak_rss_mb,
+                "peak_threads": run.peak_threads,
+                "creates": stats["creates"],
+                "prefect_server": server.layout,
+            }

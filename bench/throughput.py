@@ -1,6 +1,6 @@
 """Throughput: three stores' jobs at once, against a provider at Replicate's limits.
 
-N items (1,800; 300 with ``--quick``) are split into three jobs, one per store,
+N items (1,800; 150 with ``--quick``) are split into three jobs, one per store,
 submitted together; three ``imageopt run JOB`` processes, one per job, start
 together and share the database, so admission paces them as one. The provider
 allows 600 creates and 3,000 reads a minute (its burst: 10 s of each) and
@@ -19,7 +19,7 @@ each on a fresh database, Prefect server and provider:
   creates a second, ten times the 600 a minute the provider takes: what
   paces the run is how Prefect hands the slots out (a task that finds the
   limit full waits the server's Retry-After, up to 10 s). The tag run stops
-  after ``TAG_BUDGET`` seconds (60 quick, 1,200 full) and then reports the
+  after ``TAG_BUDGET`` seconds (30 quick, 300 full) and then reports the
   items it finished in that time, with ``partial: true``.
 
 Both runs share one Prefect server (the tag limit is made only for the
@@ -45,7 +45,7 @@ Each line is measured from the database afterwards (each item's history):
   Neither is measured for a partial run, whose flow runs were stopped.
 
     python -m bench throughput          # 1,800 items each way
-    python -m bench throughput --quick  # 300 items; the tag run stops at 60 s
+    python -m bench throughput --quick  # 150 items; the tag run stops at 30 s
 """
 
 from __future__ import annotations
@@ -70,11 +70,11 @@ from bench.harness import (
 from flows.optimize_job import CREATE_TAG
 
 ITEMS = 1_800
-QUICK_ITEMS = 300
+QUICK_ITEMS = 150
 STORES = ("Throughput A", "Throughput B", "Throughput C")
 CREATES_PER_MINUTE = 600
 TAG_LIMIT = 10
-TAG_BUDGET = {True: 60.0, False: 1_200.0}
+TAG_BUDGET = {True: 30.0, False: 300.0}
 
 PROVIDER = (
     "--create-limit",
