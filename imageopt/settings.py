@@ -151,7 +151,7 @@ def get_settings() -> Settings:
     for setting, block_type in _block_types().items():
         name = getattr(settings, setting)
         if name:
-            values.update(load_block(setting, block_type, name).settings_values())
+            values.update(_load_block(setting, block_type, name).settings_values())
     if not values:
         return settings
 
@@ -173,7 +173,7 @@ _cache: dict[tuple[str, str, str], tuple[float, Block]] = {}
 _cache_lock = threading.Lock()
 
 
-def load_block(setting: str, block_type: type[Block], name: str) -> Block:
+def _load_block(setting: str, block_type: type[Block], name: str) -> Block:
     """The saved block ``name`` of ``block_type``, that ``setting`` names.
 
     ``name`` is the block's name, or its slug ``block-type/name``.
@@ -224,8 +224,8 @@ def _fetch(variable: str, block_type: type[Block], name: str, api_url: str) -> B
             raise
         msg = (
             f"{variable} names the {slug} block {name!r}, which the Prefect API at "
-            f"{api_url} does not have: save it (its type is registered by "
-            f"`prefect block register -m blocks`), or unset {variable}"
+            f"{api_url} does not have: save one by that name (`prefect block "
+            f"register -m blocks` adds its type to the UI), or unset {variable}"
         )
         raise ConfigurationError(msg) from None
     except RuntimeError as exc:
@@ -243,7 +243,19 @@ def _fetch(variable: str, block_type: type[Block], name: str, api_url: str) -> B
             f"({problems}): save it again with valid values"
         )
         raise ConfigurationError(msg) from None
-    except (httpx.HTTPError, PrefectHTTPStatusError, OSError) as exc:
+    except PrefectHTTPStatusError as exc:
+        status = exc.response.status_code
+        hint = (
+            "set PREFECT_API_AUTH_STRING to the server's credentials"
+            if status in (401, 403)
+            else "see the Prefect server's log"
+        )
+        msg = (
+            f"{variable} names the {slug} block {name!r}, but the Prefect API at "
+            f"{api_url} answered {status} when asked for it: {hint}"
+        )
+        raise ConfigurationError(msg) from exc
+    except (httpx.HTTPError, OSError) as exc:
         msg = (
             f"{variable} names the {slug} block {name!r}, but the Prefect API at "
             f"{api_url} did not answer ({type(exc).__name__}): start it or fix "

@@ -18,15 +18,19 @@ import psycopg
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-from prefect.settings import PREFECT_API_URL, temporary_settings
-from psycopg.conninfo import make_conninfo
+from prefect.settings import (
+    PREFECT_API_AUTH_STRING,
+    PREFECT_API_URL,
+    temporary_settings,
+)
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from blocks import DatabaseBlock, OptimizerBlock, ProviderBlock
 from imageopt.errors import ConfigurationError
 from imageopt.migrate import run_migrations
 from imageopt.provider import ProviderClient
 from imageopt.samples import sample_paths
-from imageopt.services import flush_to_prefect, free_port
+from imageopt.services import PrefectServerProcess, flush_to_prefect, free_port
 from imageopt.settings import forget_blocks, get_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,30 +76,29 @@ def environment(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 
 @pytest.fixture
-def every_log_record() -> Iterator[list[logging.LogRecord]]:
-    """Every record logged in this process at DEBUG and above, whatever its logger.
+def every_log_record(
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[list[logging.LogRecord]]:
+    """Every record any logger of this process hands to its handlers.
 
-    Prefect's loggers do not propagate to the root, so the handler goes on
-    them too.
+    Taken where loggers call their handlers, so that it does not depend on
+    which handlers Prefect's logging configuration leaves in place.
     """
     records: list[logging.LogRecord] = []
+    call_handlers = logging.Logger.callHandlers
 
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
+    def keep(self: logging.Logger, record: logging.LogRecord) -> None:
+        records.append(record)
+        call_handlers(self, record)
 
-    handler = Keep(logging.DEBUG)
-    loggers = [logging.getLogger(), logging.getLogger("prefect")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.addHandler(handler)
-        logger.setLevel(logging.DEBUG)
+    monkeypatch.setattr(logging.Logger, "callHandlers", keep)
+    imageopt_logger = logging.getLogger("imageopt")
+    level = imageopt_logger.level
+    imageopt_logger.setLevel(logging.DEBUG)
 
     yield records
 
-    for logger, level in zip(loggers, levels, strict=True):
-        logger.removeHandler(handler)
-        logger.setLevel(level)
+    imageopt_logger.setLevel(level)
 
 
 def _imageopt(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -261,6 +264,7 @@ def test_a_job_runs_on_the_provider_database_and_storage_of_saved_blocks(
     assert stats["creates"] == 2 and stats["unauthorized"] == 0
     flow_logs = _flow_run_logs(state.state_details.flow_run_id)
     assert flow_logs, "the flow run sent no log lines to the API"
+    assert any(record.name == "prefect.flow_runs" for record in every_log_record)
     written = [
         submitted.stdout + submitted.stderr,
         shown.stdout + shown.stderr,
@@ -399,3 +403,50 @@ def test_the_database_url_is_the_dsn_of_the_named_database_block(
     with psycopg.connect(url) as conn:
         (dbname,) = conn.execute("SELECT current_database()").fetchone()
     assert url == conninfo and dbname in conninfo
+
+
+@pytest.fixture(scope="module")
+def guarded_api(
+    make_database, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str]]:
+    """A Prefect server behind its own basic auth; its API URL and credentials."""
+    credentials = f"imageopt:{_unique('password')}"
+    conninfo = make_database()
+    server = PrefectServerProcess(
+        conninfo,
+        dbname=conninfo_to_dict(conninfo)["dbname"],
+        home=tmp_path_factory.mktemp("guarded-prefect-home"),
+        extra_env={"PREFECT_SERVER_API_AUTH_STRING": credentials},
+    )
+
+    yield server.url, credentials
+
+    server.stop()
+
+
+def test_a_prefect_api_behind_basic_auth_gives_blocks_only_to_its_clients(
+    guarded_api, environment
+):
+    api_url, credentials = guarded_api
+    token = _unique("token")
+    with temporary_settings(
+        {PREFECT_API_URL: api_url, PREFECT_API_AUTH_STRING: credentials}
+    ):
+        ProviderBlock(base_url="http://127.0.0.1:9", token=token).save("shop")
+    environment.setenv("IMAGEOPT_PROVIDER_BLOCK", "shop")
+
+    with (
+        temporary_settings({PREFECT_API_URL: api_url}),
+        pytest.raises(ConfigurationError) as refused,
+    ):
+        get_settings()
+    anonymous = httpx.post(f"{api_url}/block_documents/filter", timeout=10)
+    with temporary_settings(
+        {PREFECT_API_URL: api_url, PREFECT_API_AUTH_STRING: credentials}
+    ):
+        settings = get_settings()
+
+    assert anonymous.status_code == 401
+    assert "401" in str(refused.value)
+    assert "PREFECT_API_AUTH_STRING" in str(refused.value)
+    assert settings.provider_token.get_secret_value() == token
