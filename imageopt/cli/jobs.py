@@ -47,10 +47,15 @@ def register(commands: argparse._SubParsersAction) -> None:
     submit_cmd.add_argument("sources", nargs="+", metavar="SOURCE")
     submit_cmd.add_argument("--store", required=True, help="the store's name")
     submit_cmd.add_argument(
-        "--format", choices=FORMATS, help="default: the settings' default_format"
+        "--format",
+        choices=FORMATS,
+        help="default: IMAGEOPT_DEFAULT_FORMAT or the optimizer block's, else auto",
     )
     submit_cmd.add_argument(
-        "--quality", type=int, help="1 to 100; default: the settings' default_quality"
+        "--quality",
+        type=int,
+        help="1 to 100; default: IMAGEOPT_DEFAULT_QUALITY or the optimizer "
+        "block's, else 80",
     )
     submit_cmd.add_argument("--max-width", type=int, metavar="PIXELS")
     submit_cmd.add_argument("--max-height", type=int, metavar="PIXELS")
