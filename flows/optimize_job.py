@@ -33,22 +33,31 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.context import get_run_context
+from prefect.runtime import flow_run as current_flow_run
 from prefect.runtime import task_run as current_task_run
 from prefect.states import Cancelled, State
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from imageopt import pipeline
 from imageopt.admission import Admission
 from imageopt.db import Database
-from imageopt.errors import PredictionPendingError, ProviderUnavailableError
+from imageopt.errors import (
+    InvalidRequestError,
+    PredictionPendingError,
+    ProviderUnavailableError,
+)
 from imageopt.jobs import (
     Item,
     display_name,
     get_item,
+    is_url,
     items_of,
     job_lock,
     load_job,
     status_counts,
+    submit,
 )
+from imageopt.optimizer import OptimizeOptions
 from imageopt.provider import ProviderClient
 from imageopt.records import refresh_job_status
 from imageopt.schema import SchemaCheck
@@ -141,6 +150,14 @@ def poll_prediction(
     return pipeline.poll_prediction(rt, item.id, prediction_id)
 
 
+def _job_of(flow_run) -> int:
+    """The job a flow run works on: its parameter, or its name once created."""
+    job_id = flow_run.parameters.get("job_id")
+    if job_id is not None:
+        return int(job_id)
+    return int(flow_run.name.removeprefix("job-"))
+
+
 def _on_cancellation(flow, flow_run, state) -> None:
     """Canceled from Prefect: cancel the job's predictions and items."""
     settings = get_settings()
@@ -152,25 +169,68 @@ def _on_cancellation(flow, flow_run, state) -> None:
             db,
             provider,
             SchemaCheck(),
-            flow_run.parameters["job_id"],
+            _job_of(flow_run),
             "canceled with its flow run",
         )
 
 
+class NewJob(BaseModel):
+    """A job to create and run at once: what a store's backend sends by API."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    store: str = Field(min_length=1, max_length=200, description="the store's name")
+    images: list[str] = Field(
+        min_length=1, description="http(s) URLs of the images to optimize"
+    )
+    options: OptimizeOptions = Field(default_factory=OptimizeOptions)
+
+    @field_validator("images")
+    @classmethod
+    def _urls_only(cls, images: list[str]) -> list[str]:
+        local = [image for image in images if not is_url(image)]
+        if local:
+            msg = (
+                f"{len(local)} image(s) are not http(s) URLs, first {local[0]!r}: "
+                "a job sent to a deployment names its images by URL"
+            )
+            raise ValueError(msg)
+        return images
+
+
+def _flow_run_name() -> str:
+    parameters = current_flow_run.parameters
+    if parameters.get("job_id") is not None:
+        return f"job-{parameters['job_id']}"
+    new_job = parameters["new_job"]
+    store = new_job.store if isinstance(new_job, NewJob) else new_job["store"]
+    # Renamed job-<id> as soon as the job exists.
+    return f"new-job-{store}"
+
+
 @flow(
     name="optimize-job",
-    flow_run_name="job-{job_id}",
+    flow_run_name=_flow_run_name,
     task_runner=PrunedThreadPoolTaskRunner(max_workers=get_settings().max_in_flight),
     on_cancellation=[_on_cancellation],
     log_prints=False,
 )
-def optimize_job(job_id: int, output: str | None = None) -> dict[str, Any] | State:
-    """Optimize every image of job ``job_id``; running it again resumes it.
+def optimize_job(
+    job_id: int | None = None,
+    new_job: NewJob | None = None,
+    output: str | None = None,
+) -> dict[str, Any] | State:
+    """Optimize every image of a job; running it again resumes it.
 
-    ``output`` is a folder to store outputs in, instead of the configured
-    storage. Returns the job's summary, or a Cancelled state carrying it when
-    the job was canceled during the run.
+    Give either ``job_id``, a submitted job, or ``new_job``, a store and its
+    image URLs, to create the job first. ``output`` is a folder to store
+    outputs in, instead of the configured storage. Returns the job's summary,
+    or a Cancelled state carrying it when the job was canceled during the run.
     """
+    if (job_id is None) == (new_job is None):
+        msg = "optimize-job takes either job_id or new_job, not both or neither"
+        raise InvalidRequestError(msg)
+
     logger = get_run_logger()
     flow_run_id = get_run_context().flow_run.id
     # Prefect logs every task's end and every retry at INFO, and sends each
@@ -183,6 +243,8 @@ def optimize_job(job_id: int, output: str | None = None) -> dict[str, Any] | Sta
     provider = ProviderClient.from_settings(settings)
     admission = None
     try:
+        if new_job is not None:
+            job_id = _create_job(db, new_job, settings, logger)
         with db.connection() as conn:
             job = load_job(conn, job_id)
         storage = load_storage(output, settings)
@@ -201,6 +263,30 @@ def optimize_job(job_id: int, output: str | None = None) -> dict[str, Any] | Sta
             admission.close()
         provider.close()
         db.close()
+
+
+def _create_job(db: Database, new_job: NewJob, settings, logger) -> int:
+    """Submit ``new_job`` and name this flow run after it."""
+    with db.connection() as conn:
+        schema = SchemaCheck().refresh(conn)
+        job_id = submit(
+            conn,
+            schema,
+            new_job.store,
+            new_job.images,
+            new_job.options,
+            max_input_bytes=settings.max_input_bytes,
+        )
+    flow_run_id = get_run_context().flow_run.id
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run_id, name=f"job-{job_id}")
+    logger.info(
+        "created job %s for store %r: %s image(s)",
+        job_id,
+        new_job.store,
+        len(new_job.images),
+    )
+    return job_id
 
 
 def _run(rt: pipeline.Runtime, logger) -> dict[str, Any] | State:

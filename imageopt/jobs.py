@@ -319,9 +319,26 @@ def job_lock(conninfo: str, job_id: int, on_wait: Callable[[], None]) -> Iterato
     database is back would close the gap.
     """
     with psycopg.connect(conninfo, autocommit=True) as conn:
-        key = (_JOB_LOCK_CLASS, job_id % 2**31)
+        key = _job_lock_key(job_id)
         (taken,) = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", key).fetchone()
         if not taken:
             on_wait()
             conn.execute("SELECT pg_advisory_lock(%s, %s)", key)
         yield
+
+
+def job_is_held(conn: psycopg.Connection, job_id: int) -> bool:
+    """Whether a live flow run holds the job (see :func:`job_lock`)."""
+    (held,) = conn.execute(
+        "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory'"
+        " AND granted AND database = (SELECT oid FROM pg_database"
+        " WHERE datname = current_database())"
+        " AND classid = %s::bigint::oid AND objid = %s::bigint::oid"
+        " AND objsubid = 2)",
+        _job_lock_key(job_id),
+    ).fetchone()
+    return held
+
+
+def _job_lock_key(job_id: int) -> tuple[int, int]:
+    return (_JOB_LOCK_CLASS, job_id % 2**31)

@@ -126,6 +126,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from imageopt.durations import parse_duration
 from imageopt.errors import ConfigurationError, ImageError
 from imageopt.optimizer import (
     DEFAULT_MAX_BYTES,
@@ -1252,26 +1253,16 @@ def _is_image_reference(image: str) -> bool:
     return url.scheme in ("http", "https") and bool(url.host)
 
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
 def _parse_cancel_after(headers: Any) -> tuple[str | None, float | None]:
     """The Cancel-After duration in seconds, or what is wrong with it."""
     text = headers.get("cancel-after")
     if text is None:
         return None, None
 
-    text = text.strip()
     try:
-        seconds = float(text)
-    except ValueError:
-        parts = _DURATION_PART.findall(text)
-        if not parts or "".join(n + u for n, u in parts) != text:
-            return f"Cancel-After: {text!r} is not a duration such as 90s or 5m", None
-        seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
-    if seconds <= 0:
-        return f"Cancel-After: {text!r} must be longer than zero", None
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        return f"Cancel-After: {exc}", None
 
     return None, seconds
 

@@ -20,7 +20,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from imageopt.services import local_postgres
 
-pytest_plugins = ["provider_fixtures", "admission_fixtures"]
+pytest_plugins = ["provider_fixtures", "admission_fixtures", "deploy_fixtures"]
 
 
 @pytest.fixture(scope="session", autouse=True)

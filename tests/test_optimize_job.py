@@ -430,31 +430,3 @@ def test_outputs_go_to_the_prefect_filesystem_block_the_settings_name(
     assert item["status"] == "COMPLETED"
     assert item["output"].startswith(str(tmp_path / "block"))
     assert Path(item["output"]).stat().st_size == item["bytes_out"]
-
-
-def test_the_demo_runs_the_sample_job_on_the_embedded_default(tmp_path: Path):
-    from imageopt.embedded import EmbeddedCluster
-
-    home = tmp_path / "home"
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("IMAGEOPT_", "PREFECT_"))
-    }
-    env["IMAGEOPT_HOME"] = str(home)
-    try:
-        demo = subprocess.run(
-            [sys.executable, "-m", "imageopt", "demo", "--format", "jpeg"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-    finally:
-        EmbeddedCluster(home).stop()
-
-    assert demo.returncode == 0, demo.stdout + demo.stderr
-    assert f"job 1: {len(sample_paths())} completed" in demo.stdout
-    outputs = sorted((home / "outputs" / "Demo store" / "job-1").iterdir())
-    assert len(outputs) == len(sample_paths())
-    assert all(path.suffix == ".jpg" for path in outputs)

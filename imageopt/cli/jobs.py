@@ -7,11 +7,11 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 from pydantic import ValidationError
 
-from imageopt.cli import EXIT_FAILED, EXIT_OK
+from imageopt.cli import EXIT_FAILED, EXIT_OK, EXIT_UNFINISHED
+from imageopt.cli.progress import JobProgress
 from imageopt.db import Database, database_url
 from imageopt.errors import InvalidRequestError
 from imageopt.jobs import (
@@ -87,24 +87,6 @@ def register(commands: argparse._SubParsersAction) -> None:
     cancel_cmd.add_argument("job", type=int, metavar="JOB")
     cancel_cmd.set_defaults(handler=_cancel)
 
-    demo_cmd = commands.add_parser(
-        "demo",
-        help="optimize the bundled sample images, end to end, on this machine",
-        description=(
-            "Migrate the database (the embedded one unless IMAGEOPT_DATABASE_URL "
-            "is set), submit the bundled sample images for the store 'Demo "
-            "store', run the job with a local Prefect server and the built-in "
-            "provider, and show where the outputs went."
-        ),
-    )
-    demo_cmd.add_argument(
-        "--output",
-        metavar="DIR",
-        help="store outputs in this folder (default: IMAGEOPT_HOME/outputs)",
-    )
-    demo_cmd.add_argument("--format", choices=FORMATS, default="auto")
-    demo_cmd.set_defaults(handler=_demo)
-
 
 def _options(args: argparse.Namespace, settings: Settings) -> OptimizeOptions:
     try:
@@ -175,7 +157,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def run_here(job_id: int, output: str | None) -> int:
-    """Run the job's flow in this process; exit code 0 once every item ended."""
+    """Run the job's flow in this process; its exit code.
+
+    0 when every item completed, 1 when every item ended but some failed or
+    were canceled, 3 when items are left unfinished (run it again).
+    """
     settings = get_settings()
     url = database_url(settings)
     with Database(url, max_size=1) as db, db.connection() as conn:
@@ -183,7 +169,8 @@ def run_here(job_id: int, output: str | None) -> int:
     with _local_services(url, settings.home), _environ(IMAGEOPT_DATABASE_URL=url):
         from flows.optimize_job import optimize_job
 
-        state = optimize_job(job_id=job_id, output=output, return_state=True)
+        with JobProgress(url, job_id):
+            state = optimize_job(job_id=job_id, output=output, return_state=True)
         waited = wait_for_history(state.state_details.flow_run_id)
         logger.debug("the Prefect server recorded the history %.1f s later", waited)
 
@@ -193,6 +180,9 @@ def run_here(job_id: int, output: str | None) -> int:
     print(f"job {job_id}: {_counts_line(counts)}")
     if unfinished or state.is_crashed():
         print(f"{unfinished} item(s) not ended: run `imageopt run {job_id}` again")
+        return EXIT_UNFINISHED
+    if counts[ItemStatus.FAILED] or counts[ItemStatus.CANCELED]:
+        print(f"see why with `imageopt report {job_id}`")
         return EXIT_FAILED
 
     return EXIT_OK
@@ -258,43 +248,6 @@ def _status(args: argparse.Namespace) -> int:
         print(f"  {item['id']:>8}  {item['status']:<10}  {item['source']}  {detail}")
 
     return EXIT_OK
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from imageopt.migrate import run_migrations
-    from imageopt.samples import sample_paths
-
-    settings = get_settings()
-    url = database_url(settings)
-    report = run_migrations(url)
-    print(f"database schema at version {report.end_version}")
-    sources = [str(path) for path in sample_paths()]
-    with Database(url, max_size=1) as db, db.connection() as conn:
-        schema = SchemaCheck().refresh(conn)
-        job_id = submit(
-            conn,
-            schema,
-            "Demo store",
-            sources,
-            OptimizeOptions(format=args.format, max_width=1024),
-            max_input_bytes=settings.max_input_bytes,
-        )
-    print(f"submitted job {job_id}: {len(sources)} sample images")
-
-    code = run_here(job_id, args.output)
-    with Database(url, max_size=1) as db, db.connection() as conn:
-        items = job_report(conn, job_id)["items"]
-    for item in items:
-        saved = (
-            f"{item['bytes_in'] or 0:>9,} -> {item['bytes_out']:>9,} bytes"
-            if item["bytes_out"]
-            else item["error"] or ""
-        )
-        print(f"  {item['status']:<10} {Path(item['source']).name:<16} {saved}")
-        if item["output"]:
-            print(f"             {item['output']}")
-
-    return code
 
 
 def _cancel(args: argparse.Namespace) -> int:
