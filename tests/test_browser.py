@@ -7,13 +7,14 @@ first poll of an item finds its prediction unfinished and retries. Chromium is
 Debian's ``/usr/bin/chromium``, driven by Playwright; Playwright's own browser
 download is not used. A browser that cannot start fails the test.
 
-The screenshots are kept under the session's temporary folder; the test prints
-where.
+The screenshots go to ``artifacts/ui-screenshots`` in the project (ignored by
+git); the test prints where.
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +32,7 @@ from imageopt.services import wait_for_history
 if TYPE_CHECKING:
     from playwright.sync_api import BrowserContext
 
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 CHROMIUM = "/usr/bin/chromium"
 # Chromium's sandbox refuses to run as root; the machine has no GPU; and with
 # no network, nothing should try to reach one (QUIC, updates, sync).
@@ -89,9 +91,18 @@ def open_browser(tmp_path: Path) -> Iterator[Callable[[], BrowserContext]]:
         yield lambda: stack.enter_context(chromium(tmp_path / "chromium-profile"))
 
 
-@pytest.fixture(scope="module")
-def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("ui-screenshots")
+@pytest.fixture
+def screenshots() -> Path:
+    """``artifacts/ui-screenshots`` in the project, emptied first; git ignores it.
+
+    Not under pytest's temporary folder: pytest deletes older runs' folders,
+    and a person should be able to look at the pictures afterwards.
+    """
+    folder = ARTIFACTS / "ui-screenshots"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+
+    return folder
 
 
 def _run_through_deployment(deployed: Deployed, job_id: int) -> UUID:
