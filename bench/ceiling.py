@@ -22,6 +22,9 @@ line a round, so that the machine's drift falls on both alike:
   every second, then exits): a figure counts only once its history is kept;
 - ``items_per_minute_to_last_item``: the same, to the last completion;
 - ``history_lag_seconds``: from the last completion to the process's end;
+- ``unrecorded_task_runs``: task runs the server still showed unfinished
+  then; ``imageopt run`` waits at most 300 s for the history, so a lag near
+  300 s with task runs left means ``items_per_minute`` is an upper bound;
 - ``baseline_items_per_minute``: the baseline's items completed / the time
   from its first create to its last completion;
 - ``ratio``: ``items_per_minute / baseline_items_per_minute``;
@@ -68,6 +71,7 @@ from bench.harness import (
     start_child,
     submit_job,
     tiny_image,
+    unrecorded_task_runs,
 )
 
 ITEMS = 1_000
@@ -119,6 +123,7 @@ def _run_flow(env: Environment, source: str, items: int, profile: Path | None) -
     server_cpu = env.server.cpu_seconds() - server_cpu
     child.check(f"the flow run of job {job_id}")
     times = item_times(env.conninfo, [job_id])
+    unrecorded = unrecorded_task_runs(env.server, [job_id])
 
     return {
         "items": items,
@@ -126,6 +131,7 @@ def _run_flow(env: Environment, source: str, items: int, profile: Path | None) -
         "items_per_minute": times.per_minute(until=child.ended_at),
         "items_per_minute_to_last_item": times.per_minute(),
         "history_lag_seconds": round(child.ended_at - times.last_completion, 1),
+        "unrecorded_task_runs": unrecorded,
         "flow_seconds": round(child.seconds, 1),
         "flow_cpu_ms_per_item": _per_item(child.cpu_seconds, items),
         "server_cpu_ms_per_item": _per_item(server_cpu, items),

@@ -426,3 +426,31 @@ def item_times(conninfo: str, job_ids: list[int]) -> ItemTimes:
             times.completions[item_id] = at
 
     return times
+
+
+# Task-run states the Prefect server has not seen the end of; SCHEDULED
+# covers a poll waiting for its retry.
+UNFINISHED = ["SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"]
+
+
+def unrecorded_task_runs(server: PrefectServer, job_ids: list[int]) -> int:
+    """Task runs of the jobs' flow runs that the server shows unfinished.
+
+    ``imageopt run`` waits for the server to record its flow run's history
+    for at most 300 s; a run that ended with some still unrecorded shows here.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    filters = {
+        "flow_runs": {"name": {"any_": [f"job-{job_id}" for job_id in job_ids]}},
+        "task_runs": {"state": {"type": {"any_": UNFINISHED}}},
+    }
+    with (
+        temporary_settings({PREFECT_API_URL: server.url}),
+        get_client(sync_client=True) as client,
+    ):
+        response = client.request("POST", "/task_runs/count", json=filters)
+        response.raise_for_status()
+
+        return response.json()

@@ -8,12 +8,12 @@ Reproduce from the repository root, in the project's virtualenv::
 Each format runs at quality 80 with no size bounds, over the samples in
 ``imageopt/samples``. An image the format refuses (JPEG for a transparent
 image) is left out of that format's totals and named under ``skipped``.
-``bytes_saved`` is ``bytes_in - bytes_out`` over those images, and
-``saved_percent`` its share of ``bytes_in``. ``encode_ms_mean``, the time per
-image, is ``OptimizeResult.encode_ms`` (decode, transform and
-encode) averaged over images and rounds, after one untimed warm-up encode per
-format so library start-up is not counted. ``kept_input`` counts the images
-no encoding beat, returned as they were.
+``bytes_saved`` is ``bytes_in - bytes_out`` over those images and
+``saved_percent`` its share of ``bytes_in``. ``encode_ms_mean``, the time an
+image takes, is ``OptimizeResult.encode_ms`` (decode, transform and encode)
+averaged over images and rounds, after one untimed warm-up encode per format
+so library start-up is not counted. ``kept_input`` counts the images no
+encoding beat, returned as they were.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ each with its own database and provider. Per size, a line with:
   to the last completion, / items: the pipeline's own pace, start-up left out;
 - ``history_lag_seconds``: from the last completion until the process ended,
   which ``imageopt run`` does once the Prefect server has recorded every task
-  run of the flow run;
+  run of the flow run, or after waiting 300 s for it: ``unrecorded_task_runs``
+  counts those the server still showed unfinished then;
 - ``seconds``: the process's wall time, start-up and that wait included;
 - ``flow_cpu_ms_per_item`` and ``server_cpu_ms_per_item``: CPU time of the
   flow's process (all of it, start-up included) and of the Prefect server
@@ -37,6 +38,7 @@ from bench.harness import (
     run_job,
     submit_job,
     tiny_image,
+    unrecorded_task_runs,
 )
 
 SIZES = (100, 1_000, 10_000)
@@ -59,12 +61,14 @@ def run(quick: bool = False) -> Iterator[dict]:
                 run.check(f"the {size}-item job")
                 stats = env.provider.stats()
                 times = item_times(env.conninfo, [job_id])
+                unrecorded = unrecorded_task_runs(server, [job_id])
             yield {
                 "bench": "scaling",
                 "items": size,
                 "completed": len(times.completions),
                 "seconds_per_item": round(times.span / size, 4),
                 "history_lag_seconds": round(run.ended_at - times.last_completion, 1),
+                "unrecorded_task_runs": unrecorded,
                 "seconds": round(run.seconds, 1),
                 "flow_cpu_ms_per_item": round(1000 * run.cpu_seconds / size, 1),
                 "server_cpu_ms_per_item": round(1000 * server_cpu / size, 1),
