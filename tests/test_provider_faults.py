@@ -85,6 +85,7 @@ def test_a_surge_of_429s_and_5xx_answers_are_waited_out_and_every_item_completes
     assert stats["creates"] == len(items)
     check_outputs(tmp_path / "out", items)
     assert history_problems(database, job_id) == []
+    print(f"{len(items)} items; provider: {server.stats()}")
 
 
 def test_stuck_and_aborted_predictions_fail_their_items_with_the_reason(
@@ -122,6 +123,7 @@ def test_stuck_and_aborted_predictions_fail_their_items_with_the_reason(
     assert report(database, job_id)["job"]["status"] == "COMPLETED"
     check_outputs(tmp_path / "out", items)
     assert history_problems(database, job_id) == []
+    print(f"{len(items)} items; provider: {server.stats()}")
 
 
 def test_an_output_expired_before_its_copy_fails_its_item_saying_so(
@@ -140,3 +142,4 @@ def test_an_output_expired_before_its_copy_fails_its_item_saying_so(
     assert server.stats()["creates"] == len(items)
     check_outputs(tmp_path / "out", items)
     assert history_problems(database, job_id) == []
+    print(f"{len(items)} items; provider: {server.stats()}")
