@@ -33,7 +33,7 @@ Each round, one line:
 - ``a_creates``, ``b_creates``: the creates of each in that window;
 - ``throttled``: 429s the provider answered.
 
-    python -m bench fairness          # 2 rounds
+    python -m bench fairness          # 3 rounds
     python -m bench fairness --quick  # 1 round
 """
 
@@ -61,7 +61,7 @@ STORES = {"Fairness A": 1, "Fairness B": 1}
 LATE_BY = 10.0
 CREATES_PER_MINUTE = 240
 MEDIAN_LATENCY = 1.0
-ROUNDS = 2
+ROUNDS = 3
 # How long B may take before the round is given up as broken.
 B_TIMEOUT = 300.0
 

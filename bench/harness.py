@@ -305,6 +305,8 @@ def finish_child(run: ChildRun, timeout: float | None = None) -> ChildRun:
 
     The child is reaped with ``wait4``, whose resource usage gives its CPU
     time to the last tick, after it can no longer be read from ``/proc``.
+    A ``poll()`` or ``wait()`` on its process that reaps it first leaves
+    ``cpu_seconds`` at 0.
     """
     assert run.process is not None
     deadline = None if timeout is None else run.began + timeout
