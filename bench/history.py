@@ -191,9 +191,13 @@ def _wait_for_history(
     flow_ended_at = None
     with httpx.Client(base_url=env.server.url, timeout=30) as client:
 
-        def count(**filters: dict) -> int:
-            response = client.post("/task_runs/count", json=filters)
-            response.raise_for_status()
+        def count(**filters: dict) -> int | None:
+            # A server that is behind may answer 503 for a while: ask again.
+            try:
+                response = client.post("/task_runs/count", json=filters)
+                response.raise_for_status()
+            except httpx.HTTPError:
+                return None
             return response.json()
 
         while True:
@@ -201,8 +205,10 @@ def _wait_for_history(
                 flow_ended_at = time.monotonic()
             if flow.poll() is not None and flow.returncode != 0:
                 return None
+            total = count(flow_runs=runs)
             if (
-                count(flow_runs=runs) >= 2 * items
+                total is not None
+                and total >= 2 * items
                 and count(flow_runs=runs, task_runs=unfinished) == 0
             ):
                 return time.time()
@@ -239,7 +245,9 @@ async def _count_states(api_url: str, job_id: int) -> dict[str, int]:
     async with httpx.AsyncClient(base_url=api_url, timeout=60) as client:
         task_runs = []
         while True:
-            response = await client.post(
+            page = await _ask(
+                client,
+                "POST",
                 "/task_runs/filter",
                 json={
                     "flow_runs": {"name": {"any_": [f"job-{job_id}"]}},
@@ -247,8 +255,6 @@ async def _count_states(api_url: str, job_id: int) -> dict[str, int]:
                     "limit": 200,
                 },
             )
-            response.raise_for_status()
-            page = response.json()
             task_runs.extend(page)
             if len(page) < 200:
                 break
@@ -257,15 +263,30 @@ async def _count_states(api_url: str, job_id: int) -> dict[str, int]:
 
         async def states_of(task_run_id: str) -> int:
             async with gate:
-                response = await client.get(
-                    "/task_run_states/", params={"task_run_id": task_run_id}
+                states = await _ask(
+                    client,
+                    "GET",
+                    "/task_run_states/",
+                    params={"task_run_id": task_run_id},
                 )
-                response.raise_for_status()
-                return len(response.json())
+                return len(states)
 
         counts = await asyncio.gather(*(states_of(t["id"]) for t in task_runs))
 
     return {"task_runs": len(task_runs), "states": sum(counts)}
+
+
+async def _ask(client, method: str, url: str, **options) -> list:
+    """An API answer, asked again while a busy server answers 503."""
+
+    for _ in range(30):
+        response = await client.request(method, url, **options)
+        if response.status_code != 503:
+            break
+        await asyncio.sleep(2)
+    response.raise_for_status()
+
+    return response.json()
 
 
 def _run_flow(job_id: int) -> None:
