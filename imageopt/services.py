@@ -1,8 +1,9 @@
 """Services imageopt starts for itself when none is configured.
 
 ``imageopt run`` needs a Prefect API and a prediction API. When
-``PREFECT_API_URL`` is unset it starts a Prefect server in a child process,
-on a database ``prefect`` in the same PostgreSQL as imageopt's own (Prefect's
+``PREFECT_API_URL`` is unset it starts a Prefect server in child processes
+(its API and its services, sharing a Redis broker when Redis answers), on a
+database ``prefect`` in the same PostgreSQL as imageopt's own (Prefect's
 default SQLite falls behind, and locks up, at the rate of a job's task runs).
 When ``IMAGEOPT_PROVIDER_URL`` is unset it starts ``imageopt serve-provider``.
 Tests and benchmarks start both the same way.
@@ -110,6 +111,9 @@ class ChildProcess:
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
+            logger.warning(
+                "%s did not stop within %.0f s; killing it", self.name, timeout
+            )
             self.process.kill()
             self.process.wait()
 
@@ -195,8 +199,12 @@ def ensure_database(conninfo: str, dbname: str) -> bool:
 # says otherwise.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
 
-# The key that marks a Redis database as the broker of one Prefect database.
+# The keys that mark a Redis database as the broker of one Prefect database,
+# and its server as running; the second expires ALIVE_SECONDS after its
+# server stops renewing it.
 BROKER_OWNER_KEY = "imageopt:prefect-database"
+BROKER_ALIVE_KEY = "imageopt:prefect-server-running"
+ALIVE_SECONDS = 30
 
 # Prefect's modules for a Redis broker (the prefect-redis package): events,
 # their de-duplication, their causal ordering for triggers, and the leases of
@@ -229,6 +237,16 @@ SERVICE_SETTINGS = {
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": _BATCH,
     "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": _FLUSH_INTERVAL,
     "PREFECT_SERVER_SERVICES_TRIGGERS_READ_BATCH_SIZE": _BATCH,
+    # The API publishes the events of each client connection to Redis five at
+    # a time, or every PUBLISH_EVERY (10 s by default): the last events of a
+    # run would wait that long before any service sees them.
+    "PREFECT_REDIS_MESSAGING_PUBLISHER_PUBLISH_EVERY": "1",
+    # Redis drops from a stream what every consumer group has read, but skips
+    # groups whose consumers have all been idle for TRIM_IDLE_THRESHOLD (5
+    # minutes by default): services down longer than that would come back to
+    # find the events of their downtime gone. A day of events at 600 items a
+    # minute is a few gigabytes of Redis memory.
+    "PREFECT_REDIS_MESSAGING_CONSUMER_TRIM_IDLE_THRESHOLD": str(24 * 3600),
 }
 
 
@@ -237,16 +255,21 @@ class RedisBroker:
 
     Every Prefect server imageopt starts gets a database number of its own
     (prefect-redis has no key prefix), so that parallel tests and benchmarks
-    never read each other's streams. The database is marked with the Prefect
-    database it serves (``BROKER_OWNER_KEY``): a server started again on the
-    same Prefect database finds its broker, and the events it had not recorded
-    yet, where it left them. A database whose Prefect database no longer
-    exists on the same PostgreSQL is emptied and taken over.
+    never read each other's streams; ``redis://host:port/N`` names one
+    outright. The database is marked with the Prefect database it serves
+    (``BROKER_OWNER_KEY``): a server started again on the same Prefect
+    database finds its broker, and the events it had not recorded yet, where
+    it left them. While its server runs, a mark that expires unless renewed
+    (``BROKER_ALIVE_KEY``) says so. A database whose server is not running is
+    emptied and taken over when its Prefect database no longer exists on the
+    same PostgreSQL, or lives on another PostgreSQL, which cannot be checked.
     """
 
-    def __init__(self, url: str, db: int) -> None:
+    def __init__(self, url: str, db: int, owner: str) -> None:
         self.url = url
         self.db = db
+        self.owner = owner
+        self._stop_renewing = threading.Event()
 
     def __str__(self) -> str:
         # The URL may carry a password: name the server and database only.
@@ -259,21 +282,26 @@ class RedisBroker:
         url = urlunsplit((parts.scheme, parts.netloc, f"/{self.db}", "", ""))
         return {**_REDIS_MODULES, "PREFECT_REDIS_MESSAGING_URL": url}
 
+    def client(self):
+        import redis
+
+        return redis.Redis.from_url(self.url, db=self.db)
+
     @classmethod
     def claim(cls, url: str, owner: str, admin: str) -> RedisBroker | None:
         """The database for ``owner``'s server; None when Redis does not answer.
 
-        ``admin`` is a connection to the PostgreSQL holding the Prefect
-        databases, used to tell a stale broker from one in use.
+        ``admin`` is a connection to the PostgreSQL of the Prefect database,
+        used to tell a stale broker from one in use.
         """
         import redis
 
         parts = urlsplit(url)
         explicit = parts.path.strip("/")
         try:
-            client = redis.Redis.from_url(url, socket_connect_timeout=3)
-            client.ping()
-            databases = _database_count(client)
+            with redis.Redis.from_url(url, socket_connect_timeout=3) as client:
+                client.ping()
+                databases = _database_count(client)
         except redis.RedisError as exc:
             logger.warning(
                 "Redis at %s:%s does not answer (%s)",
@@ -283,34 +311,64 @@ class RedisBroker:
             )
             return None
 
-        candidates = [int(explicit)] if explicit else range(1, databases)
-        # Our own broker first: a restarted server continues where it stopped.
-        for db in candidates:
+        if explicit:
+            broker = cls(url, int(explicit), owner)
+            with broker.client() as client:
+                client.set(BROKER_OWNER_KEY, owner)
+            return broker
+
+        # Its own broker first: a restarted server continues where it stopped.
+        for db in range(1, databases):
             with redis.Redis.from_url(url, db=db) as client:
                 if client.get(BROKER_OWNER_KEY) == owner.encode():
-                    return cls(url, db)
-        for db in candidates:
+                    return cls(url, db, owner)
+        for db in range(1, databases):
             with redis.Redis.from_url(url, db=db) as client:
                 if _take(client, owner, admin):
-                    return cls(url, db)
+                    return cls(url, db, owner)
 
         msg = (
-            f"no free Redis database for the Prefect server's broker among "
-            f"{len(candidates)} at {parts.hostname}:{parts.port or 6379}: each "
-            f"holds another server's events; stop those servers or name a free "
-            f"database in IMAGEOPT_REDIS_URL (redis://host:port/N)"
+            f"no free Redis database for the Prefect server's broker among the "
+            f"{databases - 1} at {parts.hostname}:{parts.port or 6379} (0 is left "
+            f"alone): each serves a running server or an existing Prefect "
+            f"database; stop those, or name a database in IMAGEOPT_REDIS_URL "
+            f"(redis://host:port/N)"
         )
         raise ConfigurationError(msg)
 
     def forget(self) -> None:
         """Drop the events it holds, for a Prefect database that starts empty."""
+        with self.client() as client:
+            client.flushdb()
+            client.set(BROKER_OWNER_KEY, self.owner)
+
+    def keep_alive(self) -> None:
+        """Mark its server running until ``let_go``, renewing the mark."""
+        self._stop_renewing.clear()
+        threading.Thread(target=self._renew, daemon=True).start()
+
+    def let_go(self) -> None:
         import redis
 
-        with redis.Redis.from_url(self.url, db=self.db) as client:
-            owner = client.get(BROKER_OWNER_KEY)
-            client.flushdb()
-            if owner is not None:
-                client.set(BROKER_OWNER_KEY, owner)
+        self._stop_renewing.set()
+        with contextlib.suppress(redis.RedisError), self.client() as client:
+            client.delete(BROKER_ALIVE_KEY)
+
+    def _renew(self) -> None:
+        import redis
+
+        with self.client() as client:
+            while True:
+                try:
+                    client.set(BROKER_ALIVE_KEY, self.owner, ex=ALIVE_SECONDS)
+                except redis.RedisError as exc:
+                    logger.warning(
+                        "cannot mark broker %s in use (%s); retrying",
+                        self,
+                        type(exc).__name__,
+                    )
+                if self._stop_renewing.wait(ALIVE_SECONDS / 3):
+                    return
 
 
 def _database_count(client) -> int:
@@ -336,9 +394,11 @@ def _take(client, owner: str, admin: str) -> bool:
 
     with client.pipeline() as pipe:
         try:
-            pipe.watch(BROKER_OWNER_KEY)
+            pipe.watch(BROKER_OWNER_KEY, BROKER_ALIVE_KEY)
             current = pipe.get(BROKER_OWNER_KEY)
-            if current is None or _prefect_database_exists(current.decode(), admin):
+            if pipe.exists(BROKER_ALIVE_KEY) or (
+                current is not None and _prefect_database_exists(current, admin)
+            ):
                 return False
             pipe.multi()
             pipe.flushdb()
@@ -358,15 +418,14 @@ def _broker_owner(conninfo: str, dbname: str) -> str:
     return f"{host}:{params.get('port') or 5432}/{dbname}"
 
 
-def _prefect_database_exists(owner: str, admin: str) -> bool:
-    """Whether the Prefect database a broker is marked with is still there.
+def _prefect_database_exists(owner: bytes, admin: str) -> bool:
+    """Whether a broker's Prefect database is still there, on ``admin``'s server.
 
-    Only a database on the same PostgreSQL as ``admin`` can be checked; one
-    elsewhere is taken to exist.
+    A database on another PostgreSQL cannot be checked and counts as gone.
     """
-    where, _, dbname = owner.rpartition("/")
+    where, _, dbname = owner.decode(errors="replace").rpartition("/")
     if _broker_owner(admin, "") != f"{where}/":
-        return True
+        return False
     with psycopg.connect(admin, autocommit=True) as conn:
         found = conn.execute(
             "SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)
@@ -405,7 +464,9 @@ class PrefectServerProcess:
         dbname: str = "prefect",
         home: Path,
         extra_env: dict[str, str] | None = None,
-        timeout: float = 180.0,
+        # A two-core machine under a load of 20 took two minutes to import
+        # Prefect's server before it answered.
+        timeout: float = 600.0,
         split: bool = True,
         api_workers: int = 1,
         tuned: bool = True,
@@ -415,6 +476,9 @@ class PrefectServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
         self.api_workers = api_workers
+        # Each process's output is appended to a log here, across restarts.
+        self.home = home
+        home.mkdir(parents=True, exist_ok=True)
         self._timeout = timeout
         self.broker: RedisBroker | None = None
         if split:
@@ -463,7 +527,8 @@ class PrefectServerProcess:
             *("-m", "prefect", "server", "start"),
             *("--host", "127.0.0.1", "--port", str(self.port)),
         ]
-        if self.split:
+        if self.broker is not None:
+            self.broker.keep_alive()
             argv += ["--no-services", "--workers", str(self.api_workers)]
             logger.info(
                 "starting a Prefect server at %s: API and services apart, broker %s",
@@ -472,7 +537,12 @@ class PrefectServerProcess:
             )
         else:
             logger.info("starting a Prefect server at %s", self.url)
-        self.api = ChildProcess("the Prefect server", [sys.executable, *argv], self.env)
+        self.api = ChildProcess(
+            "the Prefect server",
+            [sys.executable, *argv],
+            self.env,
+            log_path=self.home / "api.log",
+        )
         self._wait_until_healthy(self._timeout)
         if self.split:
             # SIGINT: the services write the batches they hold, then exit.
@@ -480,16 +550,25 @@ class PrefectServerProcess:
                 "the Prefect server's services",
                 [sys.executable, "-m", "prefect", "server", "services", "start"],
                 self.env,
+                log_path=self.home / "services.log",
                 stop_signal=signal.SIGINT,
             )
             self.services.wait_for_line("Starting services", self._timeout)
 
     def stop(self) -> None:
-        """Stop the API first, so that the events it holds reach the broker."""
+        """Stop the API first, so that the events it holds reach the broker.
+
+        Each process is given a minute before it is killed: the API to
+        publish the events it holds, the services to write the batches they
+        hold, which they have already told the broker are taken. Killed, they
+        lose them.
+        """
         for child in (self.api, self.services):
             if child is not None:
-                child.stop()
+                child.stop(timeout=60)
         self.api = self.services = None
+        if self.broker is not None:
+            self.broker.let_go()
 
     def pids(self) -> list[int]:
         """Every process of the server: API, its workers, services."""
