@@ -16,6 +16,7 @@ module orchestrates them:
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -292,9 +293,12 @@ def _create_job(db: Database, new_job: NewJob, settings, logger) -> int:
 def _run(rt: pipeline.Runtime, logger) -> dict[str, Any] | State:
     began = time.monotonic()
     rt.refresh_schema()
-    with rt.db.connection() as conn:
+
+    def start(conn, _again) -> dict[str, int]:
         refresh_job_status(conn, rt.schema.state, rt.job.id)
-        counts = status_counts(conn, rt.job.id)
+        return status_counts(conn, rt.job.id)
+
+    counts = rt.db.retrying(f"job {rt.job.id}: reading its items", start)
     logger.info(
         "job %s for store %r: %s items (%s)",
         rt.job.id,
@@ -366,14 +370,18 @@ def _work(rt: pipeline.Runtime, logger) -> Iterator[Item]:
     yield from _pages(rt, ["PENDING"], logger)
 
 
+def _page(job_id: int, statuses: list[str], after: int, conn, _again) -> list[Item]:
+    return items_of(conn, job_id, statuses=statuses, after_id=after, limit=PAGE_SIZE)
+
+
 def _pages(rt: pipeline.Runtime, statuses: list[str], logger) -> Iterator[Item]:
     after = 0
     while True:
         rt.refresh_schema()
-        with rt.db.connection() as conn:
-            page = items_of(
-                conn, rt.job.id, statuses=statuses, after_id=after, limit=PAGE_SIZE
-            )
+        page = rt.db.retrying(
+            f"job {rt.job.id}: reading its next items",
+            functools.partial(_page, rt.job.id, statuses, after),
+        )
         if not page:
             return
         after = page[-1].id
@@ -414,8 +422,9 @@ def _handle(
         # Left as it is in the database; the next run picks it up from there.
         logger.error("item %s: %s failed: %s", item.id, done.stage, state.message)
     else:
-        with rt.db.connection() as conn:
-            current = get_item(conn, item.id)
+        current = rt.db.retrying(
+            f"item {item.id}: reading it", lambda conn, _again: get_item(conn, item.id)
+        )
         if current.status.is_final:
             logger.info("item %s ended %s before its create", item.id, current.status)
 
@@ -460,11 +469,14 @@ class _Progress:
         self._checked_at = time.monotonic()
 
         job_id = self.rt.job.id
-        with self.rt.db.connection() as conn:
-            counts = status_counts(conn, job_id)
+
+        def read(conn, _again) -> tuple[dict[str, int], str]:
             (job_status,) = conn.execute(
                 "SELECT status FROM jobs WHERE id = %s", (job_id,)
             ).fetchone()
+            return status_counts(conn, job_id), job_status
+
+        counts, job_status = self.rt.db.retrying(f"job {job_id}: progress", read)
         ended = sum(n for s, n in counts.items() if ItemStatus(s).is_final)
         update_progress_artifact(self._artifact_id, 100.0 * ended / max(self.total, 1))
 

@@ -45,12 +45,21 @@ class Deployed:
     database: str
     provider: ProviderServer
     worker: ChildProcess
+    server: PrefectServerProcess
 
     def deployment_id(self, name: str) -> UUID:
         """The id of deployment ``flow/deployment``, e.g. optimize-job/optimize-job."""
         response = httpx.get(f"{self.api_url}/deployments/name/{name}", timeout=60)
         response.raise_for_status()
         return UUID(response.json()["id"])
+
+    def server_output(self) -> str:
+        return "\n".join(
+            line
+            for child in (self.server.api, self.server.services)
+            if child is not None
+            for line in list(child.lines)[-30:]
+        )
 
     def worker_output(self) -> str:
         return "\n".join(list(self.worker.lines)[-40:])
@@ -103,6 +112,12 @@ def deployed(
 
     prefect(server.url, "work-pool", "create", POOL, "--type", "process")
     prefect(server.url, "deploy", "--all")
+    # The trigger service learns of a new automation from a PostgreSQL NOTIFY,
+    # which it missed now and then on a loaded machine when the deployment
+    # came seconds after it started; started again, it loads the automations
+    # from the database, as a long-running server's services have.
+    server.stop()
+    server.start()
 
     saved_api = os.environ.get("PREFECT_API_URL")
     os.environ["PREFECT_API_URL"] = server.url
@@ -120,7 +135,7 @@ def deployed(
     )
     try:
         with temporary_settings({PREFECT_API_URL: server.url}):
-            yield Deployed(server.url, database, provider, worker)
+            yield Deployed(server.url, database, provider, worker, server)
     finally:
         worker.stop()
         provider.stop()
@@ -147,7 +162,10 @@ def wait_for_job_run(
     every run seen and the worker's last lines.
     """
     deadline = time.monotonic() + timeout
-    body = {"flows": {"name": {"any_": ["optimize-job"]}}, "sort": "CREATED_DESC"}
+    body = {
+        "flows": {"name": {"any_": ["optimize-job"]}},
+        "sort": "EXPECTED_START_TIME_DESC",
+    }
     runs: list[dict] = []
     while time.monotonic() < deadline:
         response = httpx.post(
@@ -171,7 +189,8 @@ def wait_for_job_run(
     seen = [(r["name"], r["state"]["type"], r["state"]["message"]) for r in runs]
     pytest.fail(
         f"no run of job {job_id} ended within {timeout} s; runs seen: {seen}; "
-        f"the worker's last lines:\n{deployed.worker_output()}"
+        f"the worker's last lines:\n{deployed.worker_output()}\n"
+        f"the server's:\n{deployed.server_output()}"
     )
 
 
