@@ -52,8 +52,10 @@ SELECT j.id, s.name, j.status::text, count(i.id),
        count(*) FILTER (WHERE i.status::text = 'CANCELED'),
        count(*) FILTER (WHERE i.status::text IN ('PENDING', 'RUNNING', 'PROCESSING')),
        count(i.prediction_id),
-       coalesce(sum(i.bytes_in) FILTER (WHERE i.status::text = 'COMPLETED'), 0)::bigint,
-       coalesce(sum(i.bytes_out) FILTER (WHERE i.status::text = 'COMPLETED'), 0)::bigint,
+       coalesce(sum(i.bytes_in) FILTER (WHERE i.status::text = 'COMPLETED'),
+                0)::bigint,
+       coalesce(sum(i.bytes_out) FILTER (WHERE i.status::text = 'COMPLETED'),
+                0)::bigint,
        j.created_at,
        extract(epoch FROM max(i.updated_at) - j.created_at)::float8
 FROM jobs j
