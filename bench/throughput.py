@@ -66,6 +66,7 @@ from bench.harness import (
     prefect_server,
     submit_job,
     tiny_image,
+    unrecorded_task_runs,
 )
 from flows.optimize_job import CREATE_TAG
 
@@ -84,10 +85,6 @@ PROVIDER = (
     "--latency",
     "lognormal:3:0.3",
 )
-
-# Task-run states the Prefect server has not seen the end of; SCHEDULED
-# covers a poll waiting for its retry.
-UNFINISHED = ["SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"]
 
 PACINGS = {
     "admission": {"IMAGEOPT_CREATES_PER_MINUTE": str(CREATES_PER_MINUTE)},
@@ -125,7 +122,7 @@ def _run_paced(
         runs = _run_jobs(env, job_ids, settings, budget)
         stats = env.provider.stats()
         measured = _measure(env.conninfo, job_ids, runs)
-        unrecorded = None if runs.partial else _unrecorded(env, job_ids)
+        unrecorded = None if runs.partial else unrecorded_task_runs(env.server, job_ids)
     result = {
         "bench": "throughput",
         "pacing": pacing,
@@ -232,25 +229,6 @@ def _stop(process: subprocess.Popen) -> None:
 
 def _tail(log: Path, chars: int = 3000) -> str:
     return log.read_text(errors="replace")[-chars:]
-
-
-def _unrecorded(env: Environment, job_ids: list[int]) -> int:
-    """Task runs of the jobs' flow runs the Prefect server shows unfinished."""
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    filters = {
-        "flow_runs": {"name": {"any_": [f"job-{job_id}" for job_id in job_ids]}},
-        "task_runs": {"state": {"type": {"any_": UNFINISHED}}},
-    }
-    with (
-        temporary_settings({PREFECT_API_URL: env.prefect_url}),
-        get_client(sync_client=True) as client,
-    ):
-        response = client.request("POST", "/task_runs/count", json=filters)
-        response.raise_for_status()
-
-        return response.json()
 
 
 def _measure(conninfo: str, job_ids: list[int], runs: Runs) -> dict:
