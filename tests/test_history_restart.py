@@ -53,7 +53,10 @@ def prefect_server(make_database, tmp_path: Path):
     )
     if not server.split:
         server.stop()
-        pytest.skip("needs Redis for the Prefect server's broker")
+        pytest.fail(
+            "this test needs Redis for the Prefect server's broker: start it, "
+            "or point IMAGEOPT_REDIS_URL at one"
+        )
 
     yield server
 
