@@ -208,9 +208,11 @@ ALIVE_SECONDS = 30
 
 # Prefect's modules for a Redis broker (the prefect-redis package): events,
 # their de-duplication, their causal ordering for triggers, and the leases of
-# concurrency slots, all shared by the API and services processes.
+# concurrency slots, all shared by the API and services processes. The
+# broker is prefect-redis's with a stream trimming that loses no unread event
+# (imageopt.prefect_broker says why).
 _REDIS_MODULES = {
-    "PREFECT_MESSAGING_BROKER": "prefect_redis.messaging",
+    "PREFECT_MESSAGING_BROKER": "imageopt.prefect_broker",
     "PREFECT_MESSAGING_CACHE": "prefect_redis.messaging",
     "PREFECT_SERVER_EVENTS_CAUSAL_ORDERING": "prefect_redis.ordering",
     "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect_redis.lease_storage",
@@ -634,18 +636,23 @@ def flush_to_prefect(timeout: float = 30.0) -> None:
     APILogWorker.drain_all(timeout=timeout)
 
 
-def wait_for_history(flow_run_id, timeout: float = 300.0) -> float:
+def wait_for_history(
+    flow_run_id, timeout: float = 300.0, stalled_after: float = 30.0
+) -> float:
     """Wait until the Prefect server has recorded every task run of a flow run.
 
     Task-run states travel as events that the server records after the fact;
     a server stopped before it caught up loses them. "Recorded" means the
     server's count of the run's task runs has stopped growing and none of them
-    is left in a state that is not final. Returns the seconds waited.
+    is left in a state that is not final. Waiting stops, with a warning, after
+    ``timeout`` seconds, or once neither count has moved for ``stalled_after``
+    seconds: what the server has not recorded by then it is not going to.
+    Returns the seconds waited.
     """
     from prefect.client.orchestration import get_client
 
     flush_to_prefect()
-    began = time.monotonic()
+    began = moved_at = time.monotonic()
     runs = {"id": {"any_": [str(flow_run_id)]}}
     # Scheduled covers a poll waiting for its retry.
     unfinished = {
@@ -655,7 +662,7 @@ def wait_for_history(flow_run_id, timeout: float = 300.0) -> float:
             }
         }
     }
-    previous = -1
+    previous = None
     with get_client(sync_client=True) as client:
 
         def count(**filters: dict) -> int:
@@ -663,11 +670,25 @@ def wait_for_history(flow_run_id, timeout: float = 300.0) -> float:
             response.raise_for_status()
             return response.json()
 
-        while time.monotonic() - began < timeout:
-            total = count(flow_runs=runs)
-            if total == previous and count(flow_runs=runs, task_runs=unfinished) == 0:
+        while True:
+            now = time.monotonic()
+            counts = count(flow_runs=runs), count(flow_runs=runs, task_runs=unfinished)
+            if counts == previous and counts[1] == 0:
                 break
-            previous = total
+            if counts != previous:
+                previous, moved_at = counts, now
+            if now - moved_at > stalled_after or now - began > timeout:
+                logger.warning(
+                    "the Prefect server shows %s task run(s) of flow run %s "
+                    "unfinished %.0f s after the flow ended, and has recorded "
+                    "nothing new for %.0f s; the UI will show them so, and the "
+                    "items' statuses in imageopt's database are unaffected",
+                    counts[1],
+                    flow_run_id,
+                    now - began,
+                    now - moved_at,
+                )
+                break
             time.sleep(1.0)
 
     return time.monotonic() - began
