@@ -251,6 +251,8 @@ async def _count_states(api_url: str, job_id: int) -> dict[str, int]:
                 "/task_runs/filter",
                 json={
                     "flow_runs": {"name": {"any_": [f"job-{job_id}"]}},
+                    # A stable order, so that pages neither overlap nor skip.
+                    "sort": "ID_DESC",
                     "offset": len(task_runs),
                     "limit": 200,
                 },
