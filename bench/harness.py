@@ -12,7 +12,9 @@ A benchmark that makes several runs may start one Prefect server and give
 each run its own database and provider (:func:`prefect_server`, then
 :func:`environment` with ``server=``): a Prefect server takes tens of seconds
 to start on a busy two-core machine, and every run waits until the server
-has recorded the history of the one before.
+has recorded the history of the one before. Within :func:`shared_server`
+(what ``--quick`` runs in), every benchmark's :func:`prefect_server` is that
+one server.
 
 Jobs run as ``imageopt run`` in child processes (:func:`run_child`), whose
 peak memory and thread count are sampled from ``/proc`` while they run and
@@ -154,9 +156,39 @@ def require_pg_trgm(admin: str) -> None:
         raise MissingExtensionError(msg)
 
 
+# Within shared_server(): where the shared server is stopped, and the server.
+_sharing: contextlib.ExitStack | None = None
+_shared: PrefectServer | None = None
+
+
+@contextlib.contextmanager
+def shared_server() -> Iterator[None]:
+    """Within this block every :func:`prefect_server` is one and the same,
+    started when first asked for and stopped at the block's end."""
+    global _sharing, _shared
+    with contextlib.ExitStack() as stack:
+        _sharing = stack
+        try:
+            yield
+        finally:
+            _sharing = _shared = None
+
+
 @contextlib.contextmanager
 def prefect_server() -> Iterator[PrefectServer]:
     """A Prefect server on a fresh PostgreSQL database, stopped and dropped after."""
+    global _shared
+    if _sharing is None:
+        with _new_prefect_server() as server:
+            yield server
+        return
+    if _shared is None:
+        _shared = _sharing.enter_context(_new_prefect_server())
+    yield _shared
+
+
+@contextlib.contextmanager
+def _new_prefect_server() -> Iterator[PrefectServer]:
     with contextlib.ExitStack() as stack:
         admin = stack.enter_context(_admin_conninfo())
         require_pg_trgm(admin)

@@ -30,7 +30,8 @@ Each line:
 - ``states_per_item``: the task-run states the server holds for the flow
   run, read through the API task run by task run, / items;
 - ``history_complete``: false when the server had still not recorded every
-  task run ``HISTORY_TIMEOUT`` seconds after the flow ended (the figures that
+  task run ``HISTORY_TIMEOUT`` seconds after the flow ended, or had recorded
+  nothing new for ``HISTORY_STALL`` seconds after it ended (the figures that
   depend on it are then null).
 
     python -m bench history          # 1,800 items on each setup
@@ -76,8 +77,10 @@ PROVIDER = (
 SETUPS = {"single": {"split": False, "tuned": False}, "split": {}}
 
 # How long after the flow ends the server may take to record the history
-# before the run is reported incomplete.
+# before the run is reported incomplete; and how long it may go without
+# recording anything new, once the flow has ended, before that.
 HISTORY_TIMEOUT = 600.0
+HISTORY_STALL = 60.0
 
 # Task-run states the server has not seen the end of; SCHEDULED covers a poll
 # waiting for its retry.
@@ -200,21 +203,21 @@ def _wait_for_history(
                 return None
             return response.json()
 
+        seen, moved_at = None, time.monotonic()
         while True:
             if flow_ended_at is None and flow.poll() is not None:
                 flow_ended_at = time.monotonic()
             if flow.poll() is not None and flow.returncode != 0:
                 return None
             total = count(flow_runs=runs)
-            if (
-                total is not None
-                and total >= 2 * items
-                and count(flow_runs=runs, task_runs=unfinished) == 0
-            ):
+            left = count(flow_runs=runs, task_runs=unfinished)
+            if total is not None and total >= 2 * items and left == 0:
                 return time.time()
-            if (
-                flow_ended_at is not None
-                and time.monotonic() - flow_ended_at > HISTORY_TIMEOUT
+            now = time.monotonic()
+            if (total, left) != seen:
+                seen, moved_at = (total, left), now
+            if flow_ended_at is not None and (
+                now - flow_ended_at > HISTORY_TIMEOUT or now - moved_at > HISTORY_STALL
             ):
                 return None
             time.sleep(0.5)

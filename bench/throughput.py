@@ -50,10 +50,12 @@ Each line is measured from the database afterwards (each item's history):
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,9 +117,10 @@ def _run_paced(
 ) -> dict:
     """One run, paced by admission or by a Prefect tag limit."""
     budget = TAG_BUDGET[quick] if pacing == "tag" else None
-    with environment(*PROVIDER, server=server) as env:
+    with contextlib.ExitStack() as stack:
+        env = stack.enter_context(environment(*PROVIDER, server=server))
         if pacing == "tag":
-            _limit_creates_by_tag(env, TAG_LIMIT)
+            stack.enter_context(_creates_limited_by_tag(env, TAG_LIMIT))
         job_ids = _submit_jobs(env, items)
         runs = _run_jobs(env, job_ids, settings, budget)
         stats = env.provider.stats()
@@ -141,7 +144,10 @@ def _run_paced(
     return result
 
 
-def _limit_creates_by_tag(env: Environment, limit: int) -> None:
+@contextlib.contextmanager
+def _creates_limited_by_tag(env: Environment, limit: int) -> Iterator[None]:
+    """A Prefect tag limit on creates, removed afterwards: the server may be
+    shared with other benchmarks."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -150,6 +156,10 @@ def _limit_creates_by_tag(env: Environment, limit: int) -> None:
         get_client(sync_client=True) as client,
     ):
         client.create_concurrency_limit(tag=CREATE_TAG, concurrency_limit=limit)
+        try:
+            yield
+        finally:
+            client.delete_concurrency_limit_by_tag(tag=CREATE_TAG)
 
 
 def _submit_jobs(env: Environment, items: int) -> list[int]:

@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 
 PROVIDER_LISTENING = "imageopt provider listening on "
 
+# How long a Prefect server process is given to stop before it is told again.
+STOP_SECONDS = 10.0
+
 
 class ChildProcess:
     """A service in a child process.
@@ -105,17 +108,28 @@ class ChildProcess:
         raise ConfigurationError(msg)
 
     def stop(self, timeout: float = 20.0) -> None:
-        if self.process.poll() is not None:
-            return
-        self.process.send_signal(self.stop_signal)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            logger.warning(
-                "%s did not stop within %.0f s; killing it", self.name, timeout
-            )
-            self.process.kill()
-            self.process.wait()
+        """Signal it to stop, again after ``timeout`` seconds, then kill it.
+
+        Both Prefect's server and uvicorn take a second signal as "stop now",
+        without waiting for what they were still winding down.
+        """
+        for then in ("signalling it again", "killing it"):
+            if self.process.poll() is not None:
+                return
+            self.process.send_signal(self.stop_signal)
+            try:
+                self.process.wait(timeout)
+                return
+            except subprocess.TimeoutExpired:
+                logger.warning(
+                    "%s did not stop within %.0f s; %s. Its last output:\n%s",
+                    self.name,
+                    timeout,
+                    then,
+                    "\n".join(list(self.lines)[-10:]),
+                )
+        self.process.kill()
+        self.process.wait()
 
 
 # Where a PostgreSQL server usually answers on a developer's machine.
@@ -560,14 +574,14 @@ class PrefectServerProcess:
     def stop(self) -> None:
         """Stop the API first, so that the events it holds reach the broker.
 
-        Each process is given a minute before it is killed: the API to
-        publish the events it holds, the services to write the batches they
-        hold, which they have already told the broker are taken. Killed, they
-        lose them.
+        Each process is given time to wind down before it is signalled again:
+        the API to publish the events it holds, the services to write the
+        batches they hold, which they have already told the broker are taken.
+        Both take a second or two; killed, they would lose those.
         """
         for child in (self.api, self.services):
             if child is not None:
-                child.stop(timeout=60)
+                child.stop(timeout=STOP_SECONDS)
         self.api = self.services = None
         if self.broker is not None:
             self.broker.let_go()
