@@ -65,7 +65,7 @@ from imageopt.schema import SchemaCheck
 from imageopt.settings import get_settings
 from imageopt.status import ItemStatus, JobStatus, logical_status
 from imageopt.storage import load_storage
-from imageopt.window import Done, PrunedThreadPoolTaskRunner, Window
+from imageopt.window import Done, PrunedThreadPoolTaskRunner, Window, forget_results
 
 CREATE_TAG = "imageopt-create-prediction"
 
@@ -141,6 +141,8 @@ def poll_prediction(
 ) -> pipeline.Outcome:
     """Poll the prediction until it has ended, then store its output."""
     rt = _rt()
+    # Prefect has linked this poll to its create by now.
+    forget_results(prediction_id, created_at)
     if current_task_run.run_count <= 1 and created_at is not None:
         # The first look is timed for when the prediction should be done, so
         # that most items need no retry at all.
@@ -410,8 +412,11 @@ def _handle(
         window.track(
             "poll", item, poll_prediction.submit(item, prediction_id, created_at)
         )
+        # The poll is given the pair's parts, and forgets them once started.
+        forget_results(result, parts=False)
         return
 
+    forget_results(result)
     window.leave()
     if state.is_completed() and isinstance(result, pipeline.Outcome):
         _log_outcome(result, logger)

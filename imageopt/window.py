@@ -79,3 +79,29 @@ class PrunedThreadPoolTaskRunner(ThreadPoolTaskRunner):
         events = self._cancel_events
         future.add_done_callback(lambda f: events.pop(f.task_run_id, None))
         return future
+
+
+def forget_results(*results: Any, parts: bool = True) -> None:
+    """Drop Prefect's links from these task results to their tasks' states.
+
+    For the whole of a flow run, Prefect keeps a copy of each task's final
+    state keyed by the ``id()`` of the task's result and of each of its parts
+    (the items of a tuple, the fields of a dataclass), so that a result passed
+    on to another task links the two (the poll's link to its create, in the
+    UI, comes from it). That is a few kilobytes an item, never freed: call
+    this once a result has served. It visits the parts as Prefect does,
+    unless ``parts`` is false: parts passed on to a task must stay linked
+    until that task has started.
+    """
+    from prefect.context import FlowRunContext
+    from prefect.utilities.collections import visit_collection
+
+    context = FlowRunContext.get()
+    if context is None:
+        return
+
+    def forget(part: Any) -> None:
+        context.run_results.pop(id(part), None)
+
+    for result in results:
+        visit_collection(result, visit_fn=forget, max_depth=1 if parts else 0)
