@@ -144,11 +144,9 @@ def poll_prediction(
     # Prefect has linked this poll to its create by now.
     forget_results(prediction_id, created_at)
     if current_task_run.run_count <= 1 and created_at is not None:
-        # The first look is timed for when the prediction should be done, so
-        # that most items need no retry at all.
-        wait = rt.timing.expected() - (time.time() - created_at)
-        if wait > 0:
-            time.sleep(wait)
+        # Timed for when the prediction should be done, so that most items
+        # need no retry at all.
+        return pipeline.first_poll(rt, item.id, prediction_id, created_at)
 
     return pipeline.poll_prediction(rt, item.id, prediction_id)
 
@@ -310,6 +308,12 @@ def _run(rt: pipeline.Runtime, logger) -> dict[str, Any] | State:
     )
 
     _settle_interrupted_creates(rt, logger)
+    learned = pipeline.learn_timing(rt)
+    logger.debug(
+        "first polls at %.1f s, from %s recent predictions",
+        rt.timing.expected(),
+        learned,
+    )
     progress = _Progress(rt, total=sum(counts.values()))
     window: Window[Item] = Window(rt.settings.max_in_flight)
     for item in _work(rt, logger):

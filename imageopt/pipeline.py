@@ -64,6 +64,10 @@ CREATE_UNAVAILABLE_BUDGET = 300.0
 RECONCILE_ATTEMPTS = 3
 RECONCILE_PAUSE = 1.0
 
+# How often the poll that finds out how long predictions take looks at its
+# prediction, inside one try (see first_poll).
+SCOUT_INTERVAL = 0.5
+
 
 class PredictionTiming:
     """How long recent predictions took, to time the first poll of the next.
@@ -73,23 +77,37 @@ class PredictionTiming:
     half the first polls found their prediction still running, and each of
     those retries costs the Prefect server two more task-run states to
     record; at the 90th percentile about one in ten does, for a second or so
-    more of each item's latency. Before any prediction has ended the first
-    poll is made at once.
+    more of each item's latency. A flow run starts from the provider's own
+    list of recent predictions (:func:`learn_timing`); while it still knows
+    nothing, one poll at a time scouts for the others (:func:`first_poll`).
     """
 
     def __init__(
         self, keep: int = 50, ceiling: float = 60.0, quantile: float = 0.9
     ) -> None:
         self._recent: deque[float] = deque(maxlen=keep)
-        self._ceiling = ceiling
+        self.ceiling = ceiling
         self._quantile = quantile
         self._lock = threading.Lock()
+        self._known = threading.Event()
+        self._scouting = False
+
+    @property
+    def known(self) -> bool:
+        """Whether any prediction's duration has been observed."""
+        return self._known.is_set()
 
     def observe(self, prediction: Prediction) -> None:
         if prediction.created_at and prediction.completed_at:
             seconds = (prediction.completed_at - prediction.created_at).total_seconds()
             with self._lock:
                 self._recent.append(max(0.0, seconds))
+            self._known.set()
+
+    def learn(self, predictions: list[Prediction]) -> None:
+        """Observe predictions listed newest first, so the newest are kept."""
+        for prediction in reversed(predictions):
+            self.observe(prediction)
 
     def expected(self) -> float:
         """Seconds after its creation by which a prediction is likely done."""
@@ -99,7 +117,27 @@ class PredictionTiming:
             return 0.0
         # The nearest rank: the shortest time by which that share had ended.
         rank = max(0, math.ceil(self._quantile * len(recent)) - 1)
-        return min(self._ceiling, recent[rank])
+        return min(self.ceiling, recent[rank])
+
+    def take_scout(self) -> bool:
+        """Become the one poll that finds out how long predictions take.
+
+        True for one caller at a time, and only while nothing is known; the
+        caller gives the part back with :meth:`end_scout`.
+        """
+        with self._lock:
+            if self.known or self._scouting:
+                return False
+            self._scouting = True
+            return True
+
+    def end_scout(self) -> None:
+        with self._lock:
+            self._scouting = False
+
+    def wait_known(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a first duration; whether one came."""
+        return self._known.wait(timeout)
 
 
 @dataclass
@@ -322,6 +360,28 @@ def _create_once(rt: Runtime, item: Item, prediction_input: dict) -> Prediction:
         return prediction
 
 
+def learn_timing(rt: Runtime) -> int:
+    """Time the run's first polls from the provider's latest predictions.
+
+    Without this, the first window of a run polls before any of its own
+    predictions has ended, and each of those polls retries two or three
+    times. It costs one read; a provider that does not answer it leaves the
+    timing to be learned from the run's own predictions. Returns how many
+    predictions it learned from.
+    """
+    rt.admission.admit_read(rt.job.store_id)
+    try:
+        recent = rt.provider.recent_successes()
+    except ProviderError as exc:
+        logger.debug(
+            "job %s: no recent predictions to time polls by: %s", rt.job.id, exc
+        )
+        return 0
+
+    rt.timing.learn(recent)
+    return len(recent)
+
+
 def reconcile(
     rt: Runtime,
     item: Item,
@@ -388,6 +448,50 @@ def resume_claimed(rt: Runtime, item: Item, claimed_at: datetime | None) -> str 
 
 
 # -- poll and store -----------------------------------------------------------
+
+
+def first_poll(
+    rt: Runtime, item_id: int, prediction_id: str, created_at: float
+) -> Outcome:
+    """The first look at a new prediction, made when it should have ended.
+
+    ``created_at`` is when the create was answered (``time.time()``). While
+    the run knows nothing yet of how long predictions take, one poll at a
+    time scouts: it looks every ``SCOUT_INTERVAL`` inside its first try until
+    its prediction ends, and the other first polls wait for what it learns
+    (up to the timing's ceiling). Polled at once instead, a run's first
+    window of items each retried two or three times, and each retry costs
+    the Prefect server two more task-run states; a scout's looks cost a read
+    each and no state. Raises :class:`PredictionPendingError` as
+    :func:`poll_prediction` does.
+    """
+    timing = rt.timing
+    until = created_at + timing.ceiling
+    while not timing.known and time.time() < until:
+        if not timing.take_scout():
+            timing.wait_known(SCOUT_INTERVAL)
+            continue
+        try:
+            return _scout(rt, item_id, prediction_id, until)
+        finally:
+            timing.end_scout()
+
+    wait = timing.expected() - (time.time() - created_at)
+    if wait > 0:
+        time.sleep(wait)
+
+    return poll_prediction(rt, item_id, prediction_id)
+
+
+def _scout(rt: Runtime, item_id: int, prediction_id: str, until: float) -> Outcome:
+    while True:
+        try:
+            return poll_prediction(rt, item_id, prediction_id)
+        except PredictionPendingError:
+            if time.time() + SCOUT_INTERVAL >= until:
+                raise
+            logger.debug("item %s: scouting, prediction still running", item_id)
+        time.sleep(SCOUT_INTERVAL)
 
 
 def poll_prediction(rt: Runtime, item_id: int, prediction_id: str) -> Outcome:

@@ -414,6 +414,19 @@ class ProviderClient:
             if cursor is None:
                 return
 
+    def recent_successes(self) -> list[Prediction]:
+        """This model's predictions that succeeded, from the newest page of the list.
+
+        Newest first; one request. Predictions still running are left out, so
+        the durations they give lean a little short while many are running.
+        """
+        return [
+            prediction
+            for prediction in self.list().results
+            if prediction.status is PredictionStatus.SUCCEEDED
+            and self._is_ours(prediction)
+        ]
+
     def reconcile(
         self,
         input: dict[str, Any],

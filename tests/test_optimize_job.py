@@ -108,6 +108,32 @@ def test_each_item_history_shows_every_phase(
     ]
 
 
+def test_on_a_provider_with_no_history_the_first_polls_need_no_retry(
+    prefect_api, database, provider, tmp_path: Path
+):
+    """A run that cannot learn the timing from the provider scouts for it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from imageopt.services import wait_for_history
+
+    provider("--create-limit", "0", "--read-limit", "0", "--latency", "2")
+    job_id = _submit(database, _many_samples(12))
+
+    state = optimize_job(job_id=job_id, output=str(tmp_path), return_state=True)
+
+    flow_run_id = state.state_details.flow_run_id
+    wait_for_history(flow_run_id)
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    polls = [run for run in runs if run.name.startswith("poll-prediction")]
+    assert _report(database, job_id)["job"]["status"] == "COMPLETED"
+    assert len(polls) == 12
+    assert [run.name for run in polls if run.run_count > 1] == []
+
+
 def test_with_failed_predictions_errors_and_a_low_create_limit_every_item_ends(
     prefect_api, database, provider, tmp_path: Path
 ):

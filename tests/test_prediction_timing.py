@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from provider_fixtures import wait_for_status
+
 from imageopt.pipeline import PredictionTiming
 from imageopt.provider import Prediction, PredictionStatus
 
@@ -55,3 +57,38 @@ def test_predictions_without_both_times_are_left_out():
     timing.observe(ended_after(4))
 
     assert timing.expected() == 4.0
+
+
+def test_one_poll_at_a_time_scouts_while_nothing_is_known():
+    timing = PredictionTiming()
+
+    first, second = timing.take_scout(), timing.take_scout()
+    timing.end_scout()
+    third = timing.take_scout()
+
+    assert (first, second, third) == (True, False, True)
+
+
+def test_nobody_scouts_once_a_duration_is_known():
+    timing = PredictionTiming()
+    timing.observe(ended_after(3))
+
+    assert timing.wait_known(0) and not timing.take_scout()
+
+
+def test_a_run_learns_the_timing_from_the_providers_recent_successes(
+    provider_server, image_server
+):
+    server = provider_server("--allow-private-urls", "--latency", "1.5")
+    client = server.client()
+    image = {"image": image_server.sample_url("rocket.jpg"), "format": "webp"}
+    made = [client.create(image).id for _ in range(3)]
+    for prediction_id in made:
+        wait_for_status(client, prediction_id)
+    # Still running when listed: no duration to learn from it.
+    client.create(image)
+    timing = PredictionTiming()
+
+    timing.learn(client.recent_successes())
+
+    assert 1.5 <= timing.expected() < 3.0
