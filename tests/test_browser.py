@@ -2,8 +2,10 @@
 every item's task runs by name, and a poll's retries in its state history.
 
 A job runs through the ``optimize-job`` deployment (``deployed`` registers the
-project's deployments and runs a worker), with a provider slow enough that the
-first poll of an item finds its prediction unfinished and retries. Chromium is
+project's deployments and runs a worker). The run times its first polls by the
+provider's recent predictions, which a prediction made beforehand sets at about
+a second; one of the job's images is served slowly, so that its prediction
+takes several times that and its poll retries. Chromium is
 Debian's ``/usr/bin/chromium``, driven by Playwright; Playwright's own browser
 download is not used. A browser that cannot start fails the test.
 
@@ -22,8 +24,9 @@ from uuid import UUID
 
 import httpx
 import pytest
-from deploy_fixtures import Deployed, wait_for_flow_run_id
+from deploy_fixtures import PROVIDER_LATENCY, Deployed, wait_for_flow_run_id
 from job_helpers import report, submit_job
+from provider_fixtures import wait_for_status
 
 from imageopt.jobs import display_name
 from imageopt.samples import sample_paths
@@ -132,12 +135,31 @@ def _poll_that_retried_most(api_url: str, flow_run_id: UUID) -> dict:
     return max(response.json(), key=lambda run: run["run_count"])
 
 
+def _sources_with_one_slow(image_server) -> list[str]:
+    """Two sample files and a sample served by URL after a few seconds' wait.
+
+    Before those, one prediction is made and waited for, so that the run
+    learns from the provider that predictions take about PROVIDER_LATENCY.
+    """
+    fast, other, slow = sample_paths()[:3]
+    slow_url = image_server.put(
+        "slow/" + slow.name,
+        slow.read_bytes(),
+        "image/png",
+        delay=4 * PROVIDER_LATENCY,
+    )
+    return [str(fast), str(other), slow_url]
+
+
 def test_the_prefect_ui_shows_each_item_task_runs_and_a_poll_retrying(
-    deployed: Deployed, open_browser, screenshots: Path, capsys
+    deployed: Deployed, image_server, open_browser, screenshots: Path, capsys
 ):
     from playwright.sync_api import expect
 
-    job_id = submit_job(deployed.database, [str(p) for p in sample_paths()[:3]])
+    client = deployed.provider.client()
+    made = client.create({"image": image_server.sample_url("rocket.jpg")})
+    wait_for_status(client, made.id)
+    job_id = submit_job(deployed.database, _sources_with_one_slow(image_server))
     flow_run_id = _run_through_deployment(deployed, job_id)
     run = wait_for_flow_run_id(deployed.api_url, str(flow_run_id))
     # Task-run states reach the UI through events the server records later.
@@ -147,8 +169,8 @@ def test_the_prefect_ui_shows_each_item_task_runs_and_a_poll_retrying(
     assert run["state"]["type"] == "COMPLETED", deployed.worker_output()
     assert [item["status"] for item in items] == ["COMPLETED"] * 3
     assert poll["run_count"] >= 2, (
-        "no poll retried: the provider's latency should leave the first poll of "
-        "an item unfinished"
+        "no poll retried: the slowly served image's prediction should outlast "
+        "the first poll of its item"
     )
     ui = deployed.api_url.removesuffix("/api")
     browser = open_browser()
