@@ -32,6 +32,8 @@ line a round, so that the machine's drift falls on both alike:
   CPU time (``wait4``'s resource usage: start-up included), / items;
 - ``server_cpu_ms_per_item``: the Prefect server's CPU time (``/proc/PID/stat``
   utime + stime) from the flow's start to its end, / items;
+- ``states_per_item``: the task-run states the server holds for the flow
+  run, read through the API as the UI reads them, / items;
 - ``server_idle_cpu_percent``: the server's CPU while the baseline ran, which
   does not use it: what the server costs doing nothing.
 
@@ -69,6 +71,7 @@ from bench.harness import (
     item_times,
     run_child,
     start_child,
+    states_per_item,
     submit_job,
     tiny_image,
     unrecorded_task_runs,
@@ -135,6 +138,7 @@ def _run_flow(env: Environment, source: str, items: int, profile: Path | None) -
         "flow_seconds": round(child.seconds, 1),
         "flow_cpu_ms_per_item": _per_item(child.cpu_seconds, items),
         "server_cpu_ms_per_item": _per_item(server_cpu, items),
+        "states_per_item": states_per_item(env.server.url, [job_id], items),
         "flow_peak_threads": child.peak_threads,
     }
 

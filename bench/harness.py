@@ -23,6 +23,7 @@ whose CPU time is read when they are reaped.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import subprocess
@@ -488,3 +489,67 @@ def unrecorded_task_runs(server: PrefectServer, job_ids: list[int]) -> int:
         response.raise_for_status()
 
         return response.json()
+
+
+def states_per_item(api_url: str, job_ids: list[int], items: int) -> float:
+    """Task-run states the server holds for the jobs' flow runs, per item."""
+    counted = count_states(api_url, job_ids)
+
+    return round(counted["states"] / items, 2)
+
+
+def count_states(api_url: str, job_ids: list[int]) -> dict[str, int]:
+    """Task runs of the jobs' flow runs and their states, as the UI reads them:
+    the flow runs' task runs a page at a time, then each one's states."""
+    return asyncio.run(_count_states(api_url, [f"job-{job_id}" for job_id in job_ids]))
+
+
+async def _count_states(api_url: str, flow_run_names: list[str]) -> dict[str, int]:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=api_url, timeout=60) as client:
+        task_runs = []
+        while True:
+            page = await _ask(
+                client,
+                "POST",
+                "/task_runs/filter",
+                json={
+                    "flow_runs": {"name": {"any_": flow_run_names}},
+                    # A stable order, so that pages neither overlap nor skip.
+                    "sort": "ID_DESC",
+                    "offset": len(task_runs),
+                    "limit": 200,
+                },
+            )
+            task_runs.extend(page)
+            if len(page) < 200:
+                break
+
+        gate = asyncio.Semaphore(8)
+
+        async def states_of(task_run_id: str) -> int:
+            async with gate:
+                states = await _ask(
+                    client,
+                    "GET",
+                    "/task_run_states/",
+                    params={"task_run_id": task_run_id},
+                )
+                return len(states)
+
+        counts = await asyncio.gather(*(states_of(t["id"]) for t in task_runs))
+
+    return {"task_runs": len(task_runs), "states": sum(counts)}
+
+
+async def _ask(client, method: str, url: str, **options) -> list:
+    """An API answer, asked again while a busy server answers 503."""
+    for _ in range(30):
+        response = await client.request(method, url, **options)
+        if response.status_code != 503:
+            break
+        await asyncio.sleep(2)
+    response.raise_for_status()
+
+    return response.json()

@@ -40,7 +40,6 @@ Each line:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -55,7 +54,13 @@ from pathlib import Path
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from bench.harness import _admin_conninfo, _fresh_database, submit_job, tiny_image
+from bench.harness import (
+    _admin_conninfo,
+    _fresh_database,
+    count_states,
+    submit_job,
+    tiny_image,
+)
 from imageopt.migrate import run_migrations
 from imageopt.services import PrefectServerProcess, ProviderProcess
 
@@ -163,7 +168,7 @@ def _run(env: _Environment, job_id: int, items: int) -> dict:
     first_create, last_completion, completed = _item_times(env.conninfo, job_id)
     flow_span = last_completion - first_create
     complete = recorded_at is not None
-    states = asyncio.run(_count_states(env.server.url, job_id))
+    states = count_states(env.server.url, [job_id])
 
     return {
         "items": items,
@@ -239,59 +244,6 @@ def _item_times(conninfo: str, job_id: int) -> tuple[float, float, int]:
         ).fetchone()
 
     return float(first), float(last), completed
-
-
-async def _count_states(api_url: str, job_id: int) -> dict[str, int]:
-    """Task runs of the job's flow run and their states, as the UI reads them."""
-    import httpx
-
-    async with httpx.AsyncClient(base_url=api_url, timeout=60) as client:
-        task_runs = []
-        while True:
-            page = await _ask(
-                client,
-                "POST",
-                "/task_runs/filter",
-                json={
-                    "flow_runs": {"name": {"any_": [f"job-{job_id}"]}},
-                    # A stable order, so that pages neither overlap nor skip.
-                    "sort": "ID_DESC",
-                    "offset": len(task_runs),
-                    "limit": 200,
-                },
-            )
-            task_runs.extend(page)
-            if len(page) < 200:
-                break
-
-        gate = asyncio.Semaphore(8)
-
-        async def states_of(task_run_id: str) -> int:
-            async with gate:
-                states = await _ask(
-                    client,
-                    "GET",
-                    "/task_run_states/",
-                    params={"task_run_id": task_run_id},
-                )
-                return len(states)
-
-        counts = await asyncio.gather(*(states_of(t["id"]) for t in task_runs))
-
-    return {"task_runs": len(task_runs), "states": sum(counts)}
-
-
-async def _ask(client, method: str, url: str, **options) -> list:
-    """An API answer, asked again while a busy server answers 503."""
-
-    for _ in range(30):
-        response = await client.request(method, url, **options)
-        if response.status_code != 503:
-            break
-        await asyncio.sleep(2)
-    response.raise_for_status()
-
-    return response.json()
 
 
 def _run_flow(job_id: int) -> None:

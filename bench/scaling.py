@@ -17,6 +17,8 @@ each with its own database and provider. Per size, a line with:
 - ``flow_cpu_ms_per_item`` and ``server_cpu_ms_per_item``: CPU time of the
   flow's process (all of it, start-up included) and of the Prefect server
   (from the flow's start to its end), / items;
+- ``states_per_item``: the task-run states the server holds for the flow
+  run, read through the API as the UI reads them, / items;
 - ``peak_rss_mb`` and ``peak_threads`` of the flow's process, sampled from
   ``/proc`` every 0.2 s.
 
@@ -36,6 +38,7 @@ from bench.harness import (
     item_times,
     prefect_server,
     run_job,
+    states_per_item,
     submit_job,
     tiny_image,
     unrecorded_task_runs,
@@ -62,6 +65,7 @@ def run(quick: bool = False) -> Iterator[dict]:
                 stats = env.provider.stats()
                 times = item_times(env.conninfo, [job_id])
                 unrecorded = unrecorded_task_runs(server, [job_id])
+                states = states_per_item(server.url, [job_id], size)
             yield {
                 "bench": "scaling",
                 "items": size,
@@ -72,6 +76,7 @@ def run(quick: bool = False) -> Iterator[dict]:
                 "seconds": round(run.seconds, 1),
                 "flow_cpu_ms_per_item": round(1000 * run.cpu_seconds / size, 1),
                 "server_cpu_ms_per_item": round(1000 * server_cpu / size, 1),
+                "states_per_item": states,
                 "peak_rss_mb": run.peak_rss_mb,
                 "peak_threads": run.peak_threads,
                 "creates": stats["creates"],

@@ -42,7 +42,12 @@ Each line is measured from the database afterwards (each item's history):
   processes had exited. ``imageopt run`` ends once the Prefect server has
   recorded every task run of its flow run, or after waiting 300 s for it;
   ``unrecorded_task_runs`` counts those still unfinished on the server then.
-  Neither is measured for a partial run, whose flow runs were stopped.
+  Neither is measured for a partial run, whose flow runs were stopped;
+- ``server_cpu_ms_per_item``: the Prefect server's CPU time (every process
+  of it) from the three processes' start to their exit, / items;
+- ``states_per_item``: the task-run states the server holds for the three
+  flow runs, read through the API as the UI reads them, / items (six when
+  no poll retried; not measured for a partial run).
 
     python -m bench throughput          # 1,800 items each way
     python -m bench throughput --quick  # 150 items; the tag run stops at 30 s
@@ -66,6 +71,7 @@ from bench.harness import (
     PrefectServer,
     environment,
     prefect_server,
+    states_per_item,
     submit_job,
     tiny_image,
     unrecorded_task_runs,
@@ -122,15 +128,24 @@ def _run_paced(
         if pacing == "tag":
             stack.enter_context(_creates_limited_by_tag(env, TAG_LIMIT))
         job_ids = _submit_jobs(env, items)
+        server_cpu = server.cpu_seconds()
         runs = _run_jobs(env, job_ids, settings, budget)
+        server_cpu = server.cpu_seconds() - server_cpu
         stats = env.provider.stats()
         measured = _measure(env.conninfo, job_ids, runs)
-        unrecorded = None if runs.partial else unrecorded_task_runs(env.server, job_ids)
+        # A stopped run's history is not complete: neither figure would mean
+        # anything.
+        unrecorded = states = None
+        if not runs.partial:
+            unrecorded = unrecorded_task_runs(env.server, job_ids)
+            states = states_per_item(server.url, job_ids, items)
     result = {
         "bench": "throughput",
         "pacing": pacing,
         "items": items,
         **measured,
+        "server_cpu_ms_per_item": round(1000 * server_cpu / items, 1),
+        "states_per_item": states,
         "throttled": stats["throttled"],
         "creates": stats["creates"],
         "seconds": round(runs.seconds, 1),
