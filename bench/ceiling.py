@@ -59,6 +59,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.harness import (
@@ -119,6 +120,7 @@ def _run_flow(env: Environment, source: str, items: int, profile: Path | None) -
     job_id = submit_job(env.conninfo, "Ceiling", [source] * items, format="jpeg")
     log = env.workdir / f"flow-{job_id}.log"
     server_cpu = env.server.cpu_seconds()
+    since = datetime.now(UTC)
     child = start_child(imageopt_run(job_id), env.env(**NO_ADMISSION_LIMITS), log)
     servers = {f"server-{pid}": pid for pid in env.server.pids()}
     with _profiling(profile, flow=child.pid, **servers):
@@ -126,7 +128,7 @@ def _run_flow(env: Environment, source: str, items: int, profile: Path | None) -
     server_cpu = env.server.cpu_seconds() - server_cpu
     child.check(f"the flow run of job {job_id}")
     times = item_times(env.conninfo, [job_id])
-    unrecorded = unrecorded_task_runs(env.server, [job_id])
+    unrecorded = unrecorded_task_runs(env.server, [job_id], since)
 
     return {
         "items": items,
@@ -138,7 +140,7 @@ def _run_flow(env: Environment, source: str, items: int, profile: Path | None) -
         "flow_seconds": round(child.seconds, 1),
         "flow_cpu_ms_per_item": _per_item(child.cpu_seconds, items),
         "server_cpu_ms_per_item": _per_item(server_cpu, items),
-        "states_per_item": states_per_item(env.server.url, [job_id], items),
+        "states_per_item": states_per_item(env.server.url, [job_id], items, since),
         "flow_peak_threads": child.peak_threads,
     }
 

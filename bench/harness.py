@@ -34,6 +34,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import psycopg
@@ -468,7 +469,19 @@ def item_times(conninfo: str, job_ids: list[int]) -> ItemTimes:
 UNFINISHED = ["SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"]
 
 
-def unrecorded_task_runs(server: PrefectServer, job_ids: list[int]) -> int:
+def flow_runs_of(job_ids: list[int], since: datetime) -> dict:
+    """The Prefect API's filter for the flow runs of these jobs started after
+    ``since``: each benchmark run has a database of its own, so a Prefect
+    server shared by several runs holds a ``job-1`` for each of them."""
+    return {
+        "name": {"any_": [f"job-{job_id}" for job_id in job_ids]},
+        "start_time": {"after_": since.isoformat()},
+    }
+
+
+def unrecorded_task_runs(
+    server: PrefectServer, job_ids: list[int], since: datetime
+) -> int:
     """Task runs of the jobs' flow runs that the server shows unfinished.
 
     ``imageopt run`` waits for the server to record its flow run's history
@@ -478,7 +491,7 @@ def unrecorded_task_runs(server: PrefectServer, job_ids: list[int]) -> int:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     filters = {
-        "flow_runs": {"name": {"any_": [f"job-{job_id}" for job_id in job_ids]}},
+        "flow_runs": flow_runs_of(job_ids, since),
         "task_runs": {"state": {"type": {"any_": UNFINISHED}}},
     }
     with (
@@ -491,20 +504,23 @@ def unrecorded_task_runs(server: PrefectServer, job_ids: list[int]) -> int:
         return response.json()
 
 
-def states_per_item(api_url: str, job_ids: list[int], items: int) -> float:
+def states_per_item(
+    api_url: str, job_ids: list[int], items: int, since: datetime
+) -> float:
     """Task-run states the server holds for the jobs' flow runs, per item."""
-    counted = count_states(api_url, job_ids)
+    counted = count_states(api_url, flow_runs_of(job_ids, since))
 
     return round(counted["states"] / items, 2)
 
 
-def count_states(api_url: str, job_ids: list[int]) -> dict[str, int]:
-    """Task runs of the jobs' flow runs and their states, as the UI reads them:
-    the flow runs' task runs a page at a time, then each one's states."""
-    return asyncio.run(_count_states(api_url, [f"job-{job_id}" for job_id in job_ids]))
+def count_states(api_url: str, flow_runs: dict) -> dict[str, int]:
+    """Task runs of the flow runs ``flow_runs`` selects (a Prefect API filter)
+    and their states, as the UI reads them: the task runs a page at a time,
+    then each one's states."""
+    return asyncio.run(_count_states(api_url, flow_runs))
 
 
-async def _count_states(api_url: str, flow_run_names: list[str]) -> dict[str, int]:
+async def _count_states(api_url: str, flow_runs: dict) -> dict[str, int]:
     import httpx
 
     async with httpx.AsyncClient(base_url=api_url, timeout=60) as client:
@@ -515,7 +531,7 @@ async def _count_states(api_url: str, flow_run_names: list[str]) -> dict[str, in
                 "POST",
                 "/task_runs/filter",
                 json={
-                    "flow_runs": {"name": {"any_": flow_run_names}},
+                    "flow_runs": flow_runs,
                     # A stable order, so that pages neither overlap nor skip.
                     "sort": "ID_DESC",
                     "offset": len(task_runs),

@@ -168,7 +168,7 @@ def _run(env: _Environment, job_id: int, items: int) -> dict:
     first_create, last_completion, completed = _item_times(env.conninfo, job_id)
     flow_span = last_completion - first_create
     complete = recorded_at is not None
-    states = count_states(env.server.url, [job_id])
+    states = count_states(env.server.url, {"name": {"any_": [f"job-{job_id}"]}})
 
     return {
         "items": items,

@@ -31,6 +31,7 @@ Flat per-item cost and bounded memory and threads are the point.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 from bench.harness import (
     NO_ADMISSION_LIMITS,
@@ -59,13 +60,14 @@ def run(quick: bool = False) -> Iterator[dict]:
                     env.conninfo, "Scaling", [source] * size, format="jpeg"
                 )
                 server_cpu = server.cpu_seconds()
+                since = datetime.now(UTC)
                 run = run_job(env, job_id, **NO_ADMISSION_LIMITS)
                 server_cpu = server.cpu_seconds() - server_cpu
                 run.check(f"the {size}-item job")
                 stats = env.provider.stats()
                 times = item_times(env.conninfo, [job_id])
-                unrecorded = unrecorded_task_runs(server, [job_id])
-                states = states_per_item(server.url, [job_id], size)
+                unrecorded = unrecorded_task_runs(server, [job_id], since)
+                states = states_per_item(server.url, [job_id], size, since)
             yield {
                 "bench": "scaling",
                 "items": size,

@@ -62,6 +62,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
@@ -129,6 +130,7 @@ def _run_paced(
             stack.enter_context(_creates_limited_by_tag(env, TAG_LIMIT))
         job_ids = _submit_jobs(env, items)
         server_cpu = server.cpu_seconds()
+        since = datetime.now(UTC)
         runs = _run_jobs(env, job_ids, settings, budget)
         server_cpu = server.cpu_seconds() - server_cpu
         stats = env.provider.stats()
@@ -137,8 +139,8 @@ def _run_paced(
         # anything.
         unrecorded = states = None
         if not runs.partial:
-            unrecorded = unrecorded_task_runs(env.server, job_ids)
-            states = states_per_item(server.url, job_ids, items)
+            unrecorded = unrecorded_task_runs(env.server, job_ids, since)
+            states = states_per_item(server.url, job_ids, items, since)
     result = {
         "bench": "throughput",
         "pacing": pacing,
