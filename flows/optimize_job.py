@@ -65,7 +65,13 @@ from imageopt.schema import SchemaCheck
 from imageopt.settings import get_settings
 from imageopt.status import ItemStatus, JobStatus, logical_status
 from imageopt.storage import load_storage
-from imageopt.window import Done, PrunedThreadPoolTaskRunner, Window, forget_results
+from imageopt.window import (
+    Done,
+    PrunedThreadPoolTaskRunner,
+    Window,
+    forget_assets,
+    forget_results,
+)
 
 CREATE_TAG = "imageopt-create-prediction"
 
@@ -409,6 +415,7 @@ def _handle(
         return
 
     done.future.wait()  # sets its final state from the finished thread
+    forget_assets(done.future.task_run_id)
     item, state = done.subject, done.future.state
     result = done.future.result(raise_on_failure=False)
     if done.stage == "create" and state.is_completed() and result is not None:

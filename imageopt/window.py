@@ -105,3 +105,18 @@ def forget_results(*results: Any, parts: bool = True) -> None:
 
     for result in results:
         visit_collection(result, visit_fn=forget, max_depth=1 if parts else 0)
+
+
+def forget_assets(task_run_id: Any) -> None:
+    """Drop the flow run's empty record of this finished task run's assets.
+
+    Prefect records, for the whole of a flow run, the assets each task run
+    hands on to the tasks that take its result: an empty set for every task
+    run of a flow that declares no assets, about 0.4 KB each, never freed. A
+    missing record reads as an empty one, so only empty ones are dropped.
+    """
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    if context is not None and not context.task_run_assets.get(task_run_id, True):
+        del context.task_run_assets[task_run_id]

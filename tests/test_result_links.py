@@ -1,8 +1,9 @@
-"""The flow lets go of Prefect's links from task results to their states.
+"""The flow lets go of what Prefect keeps of each finished task for a flow run.
 
 Prefect keeps, for a whole flow run, a copy of each task's state keyed by the
-id of each part of the task's result; a 10,000-item job would hold tens of
-thousands. These tests run real flows on the session's Prefect server.
+id of each part of the task's result, and a record of each task run's assets;
+a 10,000-item job would hold tens of thousands. These tests run real flows on
+the session's Prefect server.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from prefect import flow, task
 from prefect.context import FlowRunContext
 
 from imageopt.services import wait_for_history
-from imageopt.window import forget_results
+from imageopt.window import forget_assets, forget_results
 
 
 @dataclass(frozen=True)
@@ -79,3 +80,17 @@ def test_a_poll_stays_linked_to_its_create(prefect_api):
     assert by_name["use"]["task_inputs"]["name"] == [
         {"input_type": "task_run", "id": by_name["make"]["id"]}
     ]
+
+
+def test_forgetting_a_finished_task_runs_assets_drops_its_empty_record(prefect_api):
+    @flow
+    def records_left() -> list[int]:
+        left = []
+        future = make.submit(1)
+        future.wait()
+        left.append(len(FlowRunContext.get().task_run_assets))
+        forget_assets(future.task_run_id)
+        left.append(len(FlowRunContext.get().task_run_assets))
+        return left
+
+    assert records_left() == [1, 0]
