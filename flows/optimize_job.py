@@ -314,12 +314,14 @@ def _run(rt: pipeline.Runtime, logger) -> dict[str, Any] | State:
     )
 
     _settle_interrupted_creates(rt, logger)
-    learned = pipeline.learn_timing(rt)
-    logger.debug(
-        "first polls at %.1f s, from %s recent predictions",
-        rt.timing.expected(),
-        learned,
-    )
+    # Only the polls of predictions this run creates are timed.
+    if counts["PENDING"] or counts["RUNNING"]:
+        learned = pipeline.learn_timing(rt)
+        logger.debug(
+            "first polls at %.1f s, from %s recent predictions",
+            rt.timing.expected(),
+            learned,
+        )
     progress = _Progress(rt, total=sum(counts.values()))
     window: Window[Item] = Window(rt.settings.max_in_flight)
     for item in _work(rt, logger):
