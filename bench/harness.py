@@ -469,14 +469,15 @@ def item_times(conninfo: str, job_ids: list[int]) -> ItemTimes:
 UNFINISHED = ["SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"]
 
 
-def flow_runs_of(job_ids: list[int], since: datetime) -> dict:
-    """The Prefect API's filter for the flow runs of these jobs started after
-    ``since``: each benchmark run has a database of its own, so a Prefect
-    server shared by several runs holds a ``job-1`` for each of them."""
-    return {
-        "name": {"any_": [f"job-{job_id}" for job_id in job_ids]},
-        "start_time": {"after_": since.isoformat()},
-    }
+def flow_runs_of(job_ids: list[int], since: datetime | None = None) -> dict:
+    """The Prefect API's filter for the flow runs of these jobs, started after
+    ``since`` when given: each benchmark run has a database of its own, so a
+    Prefect server shared by several runs holds a ``job-1`` for each."""
+    runs: dict = {"name": {"any_": [f"job-{job_id}" for job_id in job_ids]}}
+    if since is not None:
+        runs["start_time"] = {"after_": since.isoformat()}
+
+    return runs
 
 
 def unrecorded_task_runs(

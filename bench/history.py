@@ -58,6 +58,7 @@ from bench.harness import (
     _admin_conninfo,
     _fresh_database,
     count_states,
+    flow_runs_of,
     submit_job,
     tiny_image,
 )
@@ -168,7 +169,7 @@ def _run(env: _Environment, job_id: int, items: int) -> dict:
     first_create, last_completion, completed = _item_times(env.conninfo, job_id)
     flow_span = last_completion - first_create
     complete = recorded_at is not None
-    states = count_states(env.server.url, {"name": {"any_": [f"job-{job_id}"]}})
+    states = count_states(env.server.url, flow_runs_of([job_id]))
 
     return {
         "items": items,
@@ -194,7 +195,8 @@ def _wait_for_history(
     """When the server had recorded every task run of the job; None if never."""
     import httpx
 
-    runs = {"name": {"any_": [f"job-{job_id}"]}}
+    # The server is this run's own: the name alone selects the flow run.
+    runs = flow_runs_of([job_id])
     unfinished = {"state": {"type": {"any_": UNFINISHED}}}
     flow_ended_at = None
     with httpx.Client(base_url=env.server.url, timeout=30) as client:

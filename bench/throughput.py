@@ -140,7 +140,7 @@ def _run_paced(
         unrecorded = states = None
         if not runs.partial:
             unrecorded = unrecorded_task_runs(env.server, job_ids, since)
-            states = states_per_item(server.url, job_ids, items, since)
+            states = states_per_item(env.server.url, job_ids, items, since)
     result = {
         "bench": "throughput",
         "pacing": pacing,
